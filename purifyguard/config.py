@@ -1,0 +1,144 @@
+"""The settings of a purifier, in one object that validates, saves and loads itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_VERSION = 1
+
+SAMPLERS = ("ddpm", "ddim")
+GUIDANCE_MODES = ("none", "pixel", "adversarial")
+GRADIENT_MODES = ("full", "bpda", "surrogate")
+SCALE_SCHEDULES = ("variance", "constant")
+GUIDANCE_INPUTS = ("x0_hat", "x_t")
+DISTANCES = ("l2", "cosine")
+
+
+@dataclass
+class PurifierConfig:
+    """How a purifier noises, denoises and guides.
+
+    t_star: purification level, an integer diffusion step in [0, T]; t_star = 0 is the identity.
+    sampler: "ddpm" (t_star ancestral steps) or "ddim" (n_steps steps on a sub-sequence, with eta).
+    guidance: "none" (DiffPure-style), "pixel" (GDMP-style) or "adversarial" (AGDM).
+    guidance_scale: s in  mean <- mean - s_t * grad L;  s_t = s * (1 - abar_t / abar_prev) for the
+        "variance" schedule (beta_t for one DDPM step), s_t = s for "constant".
+    guidance_on: where the adversarial guidance reads the sample, x0_hat(x_t) or x_t itself.
+    distance: D in the latent space of the guidance network, squared "l2" or "cosine".
+    class_weight: lambda of the optional class term  -lambda * log p(y_hat | x0_hat).
+    gradient_mode: what an attacker's backward sees, "full", "bpda" (identity) or "surrogate".
+    surrogate_sampler / surrogate_steps: the cheaper process a "surrogate" backward runs.
+    checkpointing: recompute each reverse step in the backward instead of storing it.
+    fixed_noise: draw the same noise on every call (seed noise_seed), for deterministic evaluation.
+    """
+
+    t_star: int = 100
+    sampler: str = "ddpm"
+    n_steps: int | None = None
+    eta: float = 0.0
+    guidance: str = "none"
+    guidance_scale: float = 0.0
+    scale_schedule: str = "variance"
+    guidance_on: str = "x0_hat"
+    distance: str = "l2"
+    class_weight: float = 0.0
+    gradient_mode: str = "full"
+    surrogate_sampler: str = "ddim"
+    surrogate_steps: int = 5
+    checkpointing: bool = False
+    fixed_noise: bool = False
+    noise_seed: int = 0
+    resolution: int | None = None
+    channels: int | None = None
+    training_data: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def nfe(self) -> int:
+        """Denoiser evaluations of one purification."""
+        if self.t_star == 0:
+            return 0
+        return self.t_star if self.sampler == "ddpm" else int(self.n_steps)
+
+    def validate(self, num_train_timesteps: int | None = None) -> None:
+        """Raise ValueError naming the first setting that is out of range."""
+        _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_choice("guidance", self.guidance, GUIDANCE_MODES)
+        _check_choice("gradient_mode", self.gradient_mode, GRADIENT_MODES)
+        _check_choice("scale_schedule", self.scale_schedule, SCALE_SCHEDULES)
+        _check_choice("guidance_on", self.guidance_on, GUIDANCE_INPUTS)
+        _check_choice("distance", self.distance, DISTANCES)
+        _check_choice("surrogate_sampler", self.surrogate_sampler, SAMPLERS)
+        if not isinstance(self.t_star, int) or self.t_star < 0:
+            raise ValueError(f"t_star must be a non-negative integer step, got {self.t_star!r}")
+        if num_train_timesteps is not None and self.t_star > num_train_timesteps:
+            raise ValueError(
+                f"t_star={self.t_star} is out of range: the schedule has "
+                f"{num_train_timesteps} steps, so t_star must lie in [0, {num_train_timesteps}]"
+            )
+        if self.sampler == "ddim":
+            if self.n_steps is None:
+                self.n_steps = min(10, self.t_star) if self.t_star else 0
+            _check_steps("n_steps", self.n_steps, self.t_star)
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.class_weight < 0:
+            raise ValueError(f"class_weight must be >= 0, got {self.class_weight}")
+        if self.gradient_mode == "surrogate":
+            surrogate_nfe = self.t_star if self.surrogate_sampler == "ddpm" else self.surrogate_steps
+            _check_steps("surrogate_steps", surrogate_nfe, self.t_star)
+
+    def replace(self, **changes: Any) -> PurifierConfig:
+        """A copy with some settings changed (validated)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown purifier settings: {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PurifierConfig:
+        values = dict(values)
+        version = values.pop("config_version", None)
+        if version != CONFIG_VERSION:
+            raise ValueError(
+                f"purifier config version {version!r} is not supported by this purifyguard "
+                f"(it reads version {CONFIG_VERSION}); upgrade purifyguard or re-export the purifier"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"purifier config has unknown keys: {sorted(unknown)}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> PurifierConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_steps(name: str, steps: int | None, t_star: int) -> None:
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {steps!r}")
+    if steps > t_star:
+        raise ValueError(f"{name}={steps} exceeds t_star={t_star}: k steps must satisfy k <= t*")
+    if t_star > 0 and steps == 0:
+        raise ValueError(f"{name} must be >= 1 when t_star > 0")

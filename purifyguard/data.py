@@ -1,0 +1,150 @@
+"""Data sets as images in [0, 1]: Fashion-MNIST, CIFAR-10/100 and ImageFolder trees.
+
+Offline, Fashion-MNIST is read from a folder holding its four IDX files (gzipped or not), such as
+/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist; set it with `root=` or the
+PURIFYGUARD_FASHION_MNIST variable. Online, torchvision downloads it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+_DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
+
+
+class ImageTensorDataset(Dataset):
+    """Images kept as one uint8 tensor (N, C, H, W), served as float in [0, 1] with int labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]):
+        if images.dim() == 3:
+            images = images.unsqueeze(1)
+        self.images, self.labels, self.classes = images, labels.long(), classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index].float() / 255, int(self.labels[index])
+
+    def tensors(self, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `count` images as float [0, 1] and their labels, in one go."""
+        count = len(self) if count is None else count
+        return self.images[:count].float() / 255, self.labels[:count]
+
+
+def load_dataset(
+    name: str, root: str | Path | None = None, train: bool = True, download: bool = True,
+    image_size: int | None = None,
+) -> Dataset:
+    """A data set of (image in [0, 1] as (C, H, W), label) pairs.
+
+    name: "fashion-mnist", "cifar10", "cifar100" or "imagefolder" (root is then the folder of
+    class sub-folders; for an ImageNet-style tree or the cifar10-jpeg copy, point root at its
+    train/ or test/ split, or at the parent to have train= choose).
+    """
+    if name == "fashion-mnist":
+        return fashion_mnist(root, train=train, download=download)
+    if name in ("cifar10", "cifar100"):
+        return _cifar(name, root, train, download)
+    if name == "imagefolder":
+        return _image_folder(root, train, image_size)
+    raise ValueError(f"unknown data set {name!r}; choose one of {DATASETS}")
+
+
+def fashion_mnist(
+    root: str | Path | None = None, train: bool = True, download: bool = True
+) -> ImageTensorDataset:
+    """Fashion-MNIST through torchvision's reader, from local IDX files when there are some."""
+    from torchvision.datasets import FashionMNIST
+
+    source = _find_fashion_mnist(root)
+    cache = Path(os.environ.get("PURIFYGUARD_CACHE", Path.home() / ".cache" / "purifyguard"))
+    if source is not None:
+        _stage_idx_files(source, cache / "FashionMNIST" / "raw")
+        download = False
+    elif not download:
+        raise FileNotFoundError(
+            "Fashion-MNIST not found: pass root=<folder with the four IDX files>, set "
+            "PURIFYGUARD_FASHION_MNIST, install Debian's dataset-fashion-mnist, or allow download"
+        )
+    dataset = FashionMNIST(str(cache), train=train, download=download)
+    return ImageTensorDataset(dataset.data, dataset.targets, FASHION_MNIST_CLASSES)
+
+
+def _find_fashion_mnist(root: str | Path | None) -> Path | None:
+    candidates = [root, os.environ.get("PURIFYGUARD_FASHION_MNIST"), _DEBIAN_FASHION_MNIST]
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        folder = Path(candidate)
+        if all(_idx_file(folder, name) for name in FASHION_MNIST_FILES):
+            return folder
+        if candidate is root:
+            raise FileNotFoundError(
+                f"{folder} does not hold the four Fashion-MNIST IDX files {FASHION_MNIST_FILES} "
+                "(gzipped or not)"
+            )
+    return None
+
+
+def _idx_file(folder: Path, name: str) -> Path | None:
+    for path in (folder / name, folder / f"{name}.gz", folder / "FashionMNIST" / "raw" / name):
+        if path.exists():
+            return path
+    return None
+
+
+def _stage_idx_files(source: Path, raw: Path) -> None:
+    """Decompressed copies where torchvision's reader looks for them (it ignores .gz files)."""
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in FASHION_MNIST_FILES:
+        target = raw / name
+        if target.exists():
+            continue
+        path = _idx_file(source, name)
+        partial = target.with_suffix(".partial")
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        partial.replace(target)
+
+
+def _cifar(name: str, root: str | Path | None, train: bool, download: bool) -> ImageTensorDataset:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    root = root or Path.home() / ".cache" / "purifyguard" / name
+    dataset = cls(str(root), train=train, download=download)
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+    return ImageTensorDataset(images, torch.tensor(dataset.targets), tuple(dataset.classes))
+
+
+def _image_folder(root: str | Path | None, train: bool, image_size: int | None) -> Dataset:
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    if root is None:
+        raise ValueError("imagefolder needs root=<folder of class sub-folders>")
+    root = Path(root)
+    split = root / ("train" if train else "test")
+    if split.is_dir():
+        root = split
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size)] if image_size else []
+    return ImageFolder(str(root), transform=transforms.Compose([*steps, transforms.ToTensor()]))

@@ -1,0 +1,123 @@
+"""How a classifier wants its input: channels, resolution, mean and std, read off the model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Every torchvision classification weight is trained with these (see any weights enum's transforms).
+_TORCHVISION_FALLBACK = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; the identity when mean and std are None."""
+
+    def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        super().__init__()
+        self.enabled = mean is not None
+        if self.enabled:
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        if not self.enabled:
+            return "identity"
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def input_channels(model: nn.Module) -> int | None:
+    """Channels of the first convolution, or None for a model without one."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    return None
+
+
+def is_timm_model(model: nn.Module) -> bool:
+    return hasattr(model, "pretrained_cfg") and type(model).__module__.startswith("timm.")
+
+
+def is_torchvision_model(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("torchvision.models")
+
+
+def resolve_input_config(
+    model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+    weights: object | None = None,
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None, int | None, str]:
+    """(mean, std, resolution or None, where they came from) for a classifier.
+
+    Order: explicit mean/std; a torchvision weights enum; a timm model's pretrained config;
+    a torchvision model's default weights; otherwise no normalisation.
+    """
+    channels = input_channels(model)
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither")
+    if mean is not None:
+        return _fit(mean, channels), _fit(std, channels), None, "explicit mean/std"
+    if weights is not None:
+        transforms = weights.transforms()
+        resolution = _first(getattr(transforms, "crop_size", None))
+        return tuple(transforms.mean), tuple(transforms.std), resolution, f"weights {weights}"
+    if is_timm_model(model):
+        import timm.data
+
+        data_config = timm.data.resolve_model_data_config(model)
+        cfg_channels, *size = data_config["input_size"]
+        # A pretrained config describing other channels (in_chans=1 on an RGB recipe) says
+        # nothing trustworthy about this model's resolution.
+        resolution = size[0] if cfg_channels == channels else None
+        source = f"timm pretrained_cfg of {model.pretrained_cfg.get('architecture', 'model')}"
+        return (
+            _fit(data_config["mean"], channels), _fit(data_config["std"], channels), resolution,
+            source,
+        )
+    if is_torchvision_model(model):
+        mean, std, resolution = _torchvision_defaults(model)
+        return mean, std, resolution, f"torchvision weights for {type(model).__name__}"
+    logger.warning(
+        "%s is neither a timm nor a torchvision model: no normalisation applied; pass mean= and "
+        "std= if it expects normalised input", type(model).__name__,
+    )
+    return None, None, None, "none (unknown model family)"
+
+
+def _torchvision_defaults(model: nn.Module) -> tuple[tuple, tuple, int]:
+    """mean, std and crop size of the default weights of the first builder of this class."""
+    import torchvision.models as tvm
+
+    family = type(model).__name__.lower()
+    for name in tvm.list_models(module=tvm):
+        if name.replace("_", "").startswith(family):
+            transforms = tvm.get_model_weights(name).DEFAULT.transforms()
+            return tuple(transforms.mean), tuple(transforms.std), _first(transforms.crop_size)
+    return _TORCHVISION_FALLBACK
+
+
+def _fit(values: Sequence[float], channels: int | None) -> tuple[float, ...]:
+    """Match per-channel statistics to the model's channels: RGB statistics on a grey model
+    become their average."""
+    values = tuple(float(v) for v in values)
+    if channels is None or len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1:
+        return (sum(values) / len(values),)
+    raise ValueError(f"{len(values)} normalisation values for a {channels}-channel model")
+
+
+def _first(size: object) -> int | None:
+    if size is None:
+        return None
+    return int(size[0]) if isinstance(size, (list, tuple)) else int(size)

@@ -1,0 +1,150 @@
+"""PurifiedModel: a purifier in front of any classifier, as one nn.Module from [0, 1] to logits."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from purifyguard.normalization import Normalize, input_channels, resolve_input_config
+from purifyguard.purifier import Purifier
+from purifyguard.registry import default_purifier_name, load_purifier
+from purifyguard.validation import check_images
+
+logger = logging.getLogger(__name__)
+
+# Luminance weights (ITU-R BT.601) for an RGB input to a grey purifier.
+_RGB_TO_GREY = (0.299, 0.587, 0.114)
+
+
+class PurifiedModel(nn.Module):
+    """classifier(normalise(purify(x))) for x in [0, 1] at the classifier's input size.
+
+    purifier: None picks the registered default that matches the classifier's input; a Purifier,
+    a registered name, a local folder or a Hub repo id picks that one; False gives the bare
+    classifier through the same interface (the undefended baseline).
+    Normalisation comes from mean/std, a torchvision `weights` enum, the timm pretrained config
+    or the torchvision default weights, in that order. `n_samples` averages the logits of that
+    many independent purifications. The model starts in eval mode.
+    """
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        purifier: Purifier | str | Path | None | bool = None,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        weights: object | None = None,
+        input_size: int | None = None,
+        n_samples: int = 1,
+        interpolation: str = "bilinear",
+    ) -> None:
+        super().__init__()
+        if not isinstance(classifier, nn.Module):
+            raise ValueError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        self.classifier = classifier
+        self.classifier_channels = input_channels(classifier)
+        mean, std, resolution, source = resolve_input_config(classifier, mean, std, weights)
+        self.normalize = Normalize(mean, std)
+        self.normalization_source = source
+        self.input_size = input_size or resolution
+        self.n_samples = n_samples
+        self.interpolation = interpolation
+        self.purifier = self._resolve_purifier(purifier)
+        self.eval()
+
+    @classmethod
+    def undefended(cls, classifier: nn.Module, **kwargs) -> PurifiedModel:
+        """The bare classifier behind the same interface, for baselines."""
+        return cls(classifier, purifier=False, **kwargs)
+
+    @property
+    def defended(self) -> bool:
+        return self.purifier is not None
+
+    def _resolve_purifier(self, purifier) -> Purifier | None:
+        if purifier is False:
+            return None
+        if purifier is None or purifier is True:
+            name = default_purifier_name(self.classifier_channels, self.input_size)
+            logger.info(
+                "PurifiedModel: no purifier given, using the registered default %r for a "
+                "%s-channel classifier", name, self.classifier_channels,
+            )
+            return load_purifier(name)
+        return load_purifier(purifier)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_input(x)
+        if self.n_samples == 1:
+            return self.classify(self._purify_checked(x))
+        repeated = x.repeat(self.n_samples, 1, 1, 1)
+        logits = self.classify(self._purify_checked(repeated))
+        return logits.view(self.n_samples, x.shape[0], -1).mean(0)
+
+    def purify(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The purified images, at the input's size and channels, in [0, 1]."""
+        return self._purify_checked(self._check_input(x), **kwargs)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the classifier alone on images in [0, 1] (it normalises them)."""
+        return self.classifier(self.normalize(x))
+
+    def _purify_checked(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.purifier is None:
+            return x
+        size, channels = x.shape[-2:], x.shape[1]
+        inside = self._to_purifier_space(x)
+        purified = self.purifier.purify(inside, **kwargs)
+        return self._from_purifier_space(purified, channels, size)
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = check_images(x)
+        if self.classifier_channels is not None and x.shape[1] != self.classifier_channels:
+            raise ValueError(
+                f"the classifier takes {self.classifier_channels}-channel images, got "
+                f"{x.shape[1]} channels in shape {tuple(x.shape)}"
+            )
+        if self.purifier is not None and not _convertible(x.shape[1], self.purifier.channels):
+            raise ValueError(
+                f"cannot convert {x.shape[1]}-channel images to the purifier's "
+                f"{self.purifier.channels} channels (only 1 <-> 3 is supported)"
+            )
+        return x
+
+    def _to_purifier_space(self, x: torch.Tensor) -> torch.Tensor:
+        x = _convert_channels(x, self.purifier.channels)
+        return self._resize(x, (self.purifier.resolution, self.purifier.resolution))
+
+    def _from_purifier_space(
+        self, x: torch.Tensor, channels: int, size: torch.Size
+    ) -> torch.Tensor:
+        return self._resize(_convert_channels(x, channels), tuple(size))
+
+    def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == tuple(size):
+            return x
+        align = False if self.interpolation in ("bilinear", "bicubic") else None
+        resized = F.interpolate(x, size=size, mode=self.interpolation, align_corners=align)
+        return resized.clamp(0, 1)
+
+
+def _convertible(source: int, target: int) -> bool:
+    return source == target or {source, target} == {1, 3}
+
+
+def _convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """RGB -> grey by luminance, grey -> RGB by repetition; otherwise unchanged."""
+    if x.shape[1] == 3 and channels == 1:
+        weights = torch.tensor(_RGB_TO_GREY, dtype=x.dtype, device=x.device)
+        return (x * weights.view(1, 3, 1, 1)).sum(1, keepdim=True)
+    if x.shape[1] == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1)
+    return x

@@ -1,0 +1,211 @@
+"""The diffusion purifier: noise the input to level t*, then denoise it with guidance."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
+
+from purifyguard.config import PurifierConfig
+from purifyguard.guidance import build_guidance
+from purifyguard.samplers import ddim_step, ddpm_step, reverse_indices
+from purifyguard.schedule import NoiseSchedule
+from purifyguard.validation import check_images
+
+
+class Purifier(nn.Module):
+    """Diffusion purification with optional guidance (METHOD.md sections 1-3).
+
+    purify(x): x in [0, 1], shape (N, C, H, W) at the denoiser's resolution -> purified x in [0, 1].
+    The denoiser is any diffusers UNet2DModel predicting epsilon; the schedule comes from a
+    diffusers DDPM scheduler config. The denoiser and the guidance network are frozen: the
+    purifier never trains them, and an attacker's backward reaches them only through the input.
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler_config: dict[str, Any] | DDPMScheduler | None = None,
+        guidance_network: nn.Module | None = None,
+        config: PurifierConfig | None = None,
+        **settings: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(unet, UNet2DModel):
+            raise ValueError(f"unet must be a diffusers UNet2DModel, got {type(unet).__name__}")
+        self.unet = unet.requires_grad_(False)
+        self.schedule = NoiseSchedule(scheduler_config)
+        if guidance_network is not None:
+            guidance_network.requires_grad_(False)
+        self.guidance_network = guidance_network
+        config = (config or PurifierConfig()).replace(
+            resolution=_sample_size(unet), channels=unet.config.in_channels, **settings
+        )
+        config.validate(self.schedule.num_train_timesteps)
+        self.config = config
+        self.guidance = build_guidance(config, guidance_network)
+        self.guidance_scale = nn.Parameter(
+            torch.tensor(float(config.guidance_scale)), requires_grad=False
+        )
+        self.last_nfe = 0
+        self.eval()
+
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution
+
+    @property
+    def channels(self) -> int:
+        return self.config.channels
+
+    def with_settings(self, **changes: Any) -> Purifier:
+        """A purifier sharing this one's networks, with some settings changed."""
+        settings = self.current_config().replace(**changes)
+        return Purifier(self.unet, self.schedule.scheduler_config, self.guidance_network, settings)
+
+    def current_config(self) -> PurifierConfig:
+        """The config with the guidance scale as it is now (it may have been fine-tuned)."""
+        return self.config.replace(guidance_scale=float(self.guidance_scale.detach()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.purify(x)
+
+    def purify(
+        self, x: torch.Tensor, *, generator: torch.Generator | None = None, seed: int | None = None
+    ) -> torch.Tensor:
+        """Purify images in [0, 1]; a seed or generator makes the noise reproducible."""
+        x = self._check_input(x)
+        config = self.config
+        self.last_nfe = 0
+        if config.t_star == 0:
+            return x
+        generator = self._generator(x, generator, seed)
+        builds_graph = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        if not builds_graph:
+            with torch.no_grad():
+                return self._reverse_process(x, config, generator, graph=False)
+        if config.gradient_mode == "full":
+            return self._reverse_process(x, config, generator, graph=True)
+        with torch.no_grad():
+            purified = self._reverse_process(x, config, generator, graph=False)
+        if config.gradient_mode == "bpda":
+            # Backward Pass Differentiable Approximation: forward purifies, backward is identity.
+            return x + (purified - x).detach()
+        surrogate_config = config.replace(
+            sampler=config.surrogate_sampler, n_steps=config.surrogate_steps
+        )
+        surrogate = self._reverse_process(x, surrogate_config, generator, graph=True)
+        # The value of the defended process with the gradient of the cheaper one.
+        return purified + (surrogate - surrogate.detach())
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = check_images(x)
+        expected = (self.channels, self.resolution, self.resolution)
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"this purifier takes images of shape (N, {expected[0]}, {expected[1]}, "
+                f"{expected[2]}), got {tuple(x.shape)}; PurifiedModel resizes and converts "
+                "channels for you"
+            )
+        return x
+
+    def _generator(
+        self, x: torch.Tensor, generator: torch.Generator | None, seed: int | None
+    ) -> torch.Generator | None:
+        if generator is not None:
+            return generator
+        if seed is None and self.config.fixed_noise:
+            seed = self.config.noise_seed
+        if seed is None:
+            return None
+        return torch.Generator(device=x.device).manual_seed(seed)
+
+    def _reverse_process(
+        self, x: torch.Tensor, config: PurifierConfig, generator: torch.Generator | None,
+        graph: bool,
+    ) -> torch.Tensor:
+        """Forward-diffuse to t*, then run the sampler's reverse steps down to clean data."""
+        target = self.guidance.prepare(x) if self._guided() else None
+        steps = reverse_indices(config.sampler, config.t_star, config.n_steps)
+        x_t = self.schedule.add_noise(2 * x - 1, _randn(x, generator), steps[0][0])
+        stochastic = config.sampler == "ddpm" or config.eta > 0
+        for index, prev in steps:
+            noise = _randn(x, generator) if stochastic and prev >= 0 else None
+            if graph and config.checkpointing:
+                x_t = checkpoint(
+                    self._reverse_step, x_t, noise, target, index, prev, config, graph,
+                    use_reentrant=False,
+                )
+            else:
+                x_t = self._reverse_step(x_t, noise, target, index, prev, config, graph)
+            self.last_nfe += 1
+        return ((x_t + 1) / 2).clamp(0, 1)
+
+    def _guided(self) -> bool:
+        scale = self.guidance_scale
+        return self.guidance is not None and (float(scale) > 0 or scale.requires_grad)
+
+    def _reverse_step(
+        self, x_t: torch.Tensor, noise: torch.Tensor | None, target: dict | None, index: int,
+        prev: int, config: PurifierConfig, graph: bool,
+    ) -> torch.Tensor:
+        """One reverse step: mean <- mean - s_t * grad_{x_t} L(x_t, x_in), then add noise."""
+        guided = target is not None
+        reads_x0_hat = guided and self.guidance.reads_x0_hat
+        if not graph and guided:
+            x_t = x_t.detach().requires_grad_()
+        elif graph and guided and not x_t.requires_grad:
+            x_t = x_t.requires_grad_()
+        with torch.enable_grad() if reads_x0_hat or graph else torch.no_grad():
+            eps_hat = self._denoise(x_t, index, double_backward=graph and reads_x0_hat)
+        if guided:
+            with torch.enable_grad():
+                x0_hat = self.schedule.predict_x0(x_t, eps_hat, index) if reads_x0_hat else None
+                loss = self.guidance.loss(x_t, x0_hat, index, self.schedule, target).sum()
+                gradient = torch.autograd.grad(loss, x_t, create_graph=graph)[0]
+            if not graph:
+                x_t, eps_hat = x_t.detach(), eps_hat.detach()
+        if config.sampler == "ddpm":
+            mean, std = ddpm_step(self.schedule, x_t, eps_hat, index, prev)
+        else:
+            mean, std = ddim_step(self.schedule, x_t, eps_hat, index, prev, config.eta)
+        if guided:
+            mean = mean - self._step_scale(x_t, index, prev, config) * gradient
+        return mean if noise is None else mean + std * noise
+
+    def _step_scale(
+        self, like: torch.Tensor, index: int, prev: int, config: PurifierConfig
+    ) -> torch.Tensor:
+        """s_t = s (1 - abar_t / abar_prev) ("variance", beta_t for a DDPM step) or s ("constant")."""
+        scale = self.guidance_scale.to(like.dtype)
+        if config.scale_schedule == "constant":
+            return scale
+        return scale * (1 - self.schedule.abar(index, like) / self.schedule.abar(prev, like))
+
+    def _denoise(self, x_t: torch.Tensor, index: int, double_backward: bool) -> torch.Tensor:
+        """eps_theta(x_t, t). A graph of the guidance gradient needs the math attention kernel:
+        the fused CPU kernel has no double backward."""
+        timesteps = torch.full((x_t.shape[0],), index, device=x_t.device, dtype=torch.long)
+        kernel = sdpa_kernel(SDPBackend.MATH) if double_backward else nullcontext()
+        with kernel:
+            return self.unet(x_t.to(self.unet.dtype), timesteps).sample.to(x_t.dtype)
+
+
+def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def _sample_size(unet: UNet2DModel) -> int:
+    size = unet.config.sample_size
+    if isinstance(size, (tuple, list)):
+        if size[0] != size[1]:
+            raise ValueError(f"only square denoisers are supported, got sample_size={size}")
+        size = size[0]
+    return int(size)
