@@ -13,12 +13,13 @@ from torch.utils.checkpoint import checkpoint
 
 from purifyguard.config import PurifierConfig
 from purifyguard.guidance import build_guidance
+from purifyguard.hub import PurifierHubMixin
 from purifyguard.samplers import ddim_step, ddpm_step, reverse_indices
 from purifyguard.schedule import NoiseSchedule
 from purifyguard.validation import check_images
 
 
-class Purifier(nn.Module):
+class Purifier(PurifierHubMixin, nn.Module):
     """Diffusion purification with optional guidance (METHOD.md sections 1-3).
 
     purify(x): x in [0, 1], shape (N, C, H, W) at the denoiser's resolution -> purified x in [0, 1].

@@ -87,3 +87,14 @@ def default_purifier_name(channels: int | None, resolution: int | None) -> str:
             "explicitly: PurifiedModel(clf, purifier=<Purifier, name, folder or Hub repo id>)"
         )
     return matches[0].name
+
+
+@register_purifier(
+    "cifar10-ddpm", channels=3, resolution=32, default=True,
+    description="Unguided DDPM purification at t*=100 with google/ddpm-cifar10-32 (downloaded "
+    "from the Hub on first use)",
+)
+def _cifar10_ddpm() -> Purifier:
+    return Purifier.from_diffusers(
+        "google/ddpm-cifar10-32", t_star=100, training_data="CIFAR-10 (training split)"
+    )

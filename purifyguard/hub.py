@@ -1,0 +1,348 @@
+"""Share purifiers like Hub models: save_pretrained, from_pretrained, push_to_hub, from_diffusers.
+
+A purifier folder (local or a Hub repository) holds, in safetensors only:
+
+    purifier_config.json                      PurifierConfig.to_dict() (t*, sampler, guidance, ...)
+    unet/config.json                          the denoiser, in diffusers' own format
+    unet/diffusion_pytorch_model.safetensors
+    scheduler/scheduler_config.json           its DDPM noise schedule
+    guidance/config.json                      timm architecture name and create_model kwargs
+    guidance/model.safetensors                (only when the purifier has a guidance network)
+    README.md                                 a generated model card
+
+Pickle checkpoints are refused: loading one can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import timm
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from huggingface_hub import HfApi, snapshot_download
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from purifyguard.config import PurifierConfig
+from purifyguard.model_card import model_card
+
+if TYPE_CHECKING:
+    from purifyguard.purifier import Purifier
+
+PURIFIER_CONFIG = "purifier_config.json"
+UNET_DIR = "unet"
+SCHEDULER_DIR = "scheduler"
+GUIDANCE_DIR = "guidance"
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+SCHEDULER_CONFIG = "scheduler_config.json"
+GUIDANCE_CONFIG = "config.json"
+GUIDANCE_WEIGHTS = "model.safetensors"
+MODEL_CARD = "README.md"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# The files from_diffusers needs from a diffusers pipeline repository (pickles are not fetched).
+DIFFUSERS_FILES = ["model_index.json", f"{UNET_DIR}/*.json", f"{UNET_DIR}/{UNET_WEIGHTS}",
+                   f"{SCHEDULER_DIR}/*.json"]
+# Set on guidance networks built by create_guidance_network, so that they save themselves again.
+TIMM_KWARGS_ATTRIBUTE = "purifyguard_timm_kwargs"
+
+class PurifierHubMixin:
+    """Hub sharing for Purifier, in the spirit of huggingface_hub's PyTorchModelHubMixin.
+
+    Expects the Purifier interface: `unet`, `schedule.scheduler_config`, `guidance_network`,
+    `current_config()` and the constructor `cls(unet, scheduler, guidance_network, config,
+    **settings)`.
+    """
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        metrics: dict[str, Any] | None = None,
+        card_data: dict[str, Any] | None = None,
+        guidance_kwargs: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write the purifier folder (layout in the module docstring) and return its path.
+
+        metrics: measured results for the model card (e.g. clean_accuracy, robust_accuracy,
+            attack, threat_model, n_examples). card_data: extra YAML front matter (license,
+            datasets, ...). guidance_kwargs: timm.create_model kwargs of the guidance network
+            beyond num_classes and in_chans (e.g. channels), when it was not built by
+            create_guidance_network.
+        """
+        return self._write_folder(Path(save_directory), metrics, card_data, guidance_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload purifier with purifyguard",
+        create_pr: bool = False,
+        metrics: dict[str, Any] | None = None,
+        card_data: dict[str, Any] | None = None,
+        guidance_kwargs: dict[str, Any] | None = None,
+        dry_run: bool = False,
+    ) -> str | dict[str, int]:
+        """Save to a temporary folder and upload it as one commit; returns the commit URL.
+
+        dry_run=True contacts nothing and returns what would be uploaded: {path: size in bytes}.
+        """
+        with tempfile.TemporaryDirectory() as staging:
+            folder = self._write_folder(
+                Path(staging), metrics, card_data, guidance_kwargs, repo_id=repo_id
+            )
+            if dry_run:
+                return {
+                    path.relative_to(folder).as_posix(): path.stat().st_size
+                    for path in sorted(folder.rglob("*")) if path.is_file()
+                }
+            api = HfApi(token=token)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            commit = api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                revision=revision, create_pr=create_pr,
+            )
+        return str(getattr(commit, "commit_url", commit))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_dir: str | Path,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | None = None,
+        local_files_only: bool = False,
+        torch_dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        **settings: Any,
+    ) -> Purifier:
+        """Load a purifier from a local folder or a Hub repo id (through the Hub cache).
+
+        settings override the saved PurifierConfig (e.g. t_star=50, gradient_mode="bpda").
+        """
+        folder = resolve_folder(
+            repo_id_or_dir, revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=local_files_only,
+        )
+        refuse_pickles(folder)
+        config = PurifierConfig.load(require_file(folder / PURIFIER_CONFIG))
+        unet = load_unet(folder / UNET_DIR, torch_dtype)
+        scheduler = load_scheduler(folder / SCHEDULER_DIR)
+        guidance_network = None
+        if (folder / GUIDANCE_DIR).exists():
+            guidance_network = load_guidance_network(folder / GUIDANCE_DIR).to(torch_dtype)
+        purifier = cls(unet, scheduler, guidance_network, config, **settings)
+        return purifier.to(device) if device is not None else purifier
+
+    @classmethod
+    def from_diffusers(
+        cls,
+        repo_or_dir: str | Path,
+        t_star: int = 100,
+        *,
+        guidance_network: nn.Module | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | None = None,
+        local_files_only: bool = False,
+        torch_dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        **settings: Any,
+    ) -> Purifier:
+        """A purifier from a diffusers DDPM pipeline (model_index.json, unet/, scheduler/).
+
+        Works on Hub repositories such as google/ddpm-cifar10-32 and on folders written by
+        DDPMPipeline.save_pretrained. Unguided unless settings and guidance_network say otherwise.
+        """
+        folder = resolve_folder(
+            repo_or_dir, revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=local_files_only, allow_patterns=DIFFUSERS_FILES,
+        )
+        components = json.loads(require_file(folder / "model_index.json").read_text())
+        unet_class = components.get(UNET_DIR, [None, None])[1]
+        if unet_class != "UNet2DModel":
+            raise ValueError(
+                f"{repo_or_dir}: from_diffusers needs an unconditional pipeline whose 'unet' is a "
+                f"UNet2DModel, model_index.json says {unet_class!r}"
+            )
+        if not Path(repo_or_dir).is_dir():
+            settings["extra"] = {**settings.get("extra", {}), "diffusion_model": str(repo_or_dir)}
+        unet = load_unet(folder / UNET_DIR, torch_dtype)
+        scheduler = load_scheduler(folder / SCHEDULER_DIR)
+        purifier = cls(unet, scheduler, guidance_network, None, t_star=t_star, **settings)
+        return purifier.to(device) if device is not None else purifier
+
+    def _write_folder(
+        self,
+        folder: Path,
+        metrics: dict[str, Any] | None,
+        card_data: dict[str, Any] | None,
+        guidance_kwargs: dict[str, Any] | None,
+        repo_id: str | None = None,
+    ) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self.current_config()
+        self.unet.save_pretrained(folder / UNET_DIR, safe_serialization=True)
+        DDPMScheduler.from_config(self.schedule.scheduler_config).save_pretrained(
+            folder / SCHEDULER_DIR
+        )
+        guidance = None
+        if self.guidance_network is not None:
+            guidance = save_guidance_network(
+                self.guidance_network, folder / GUIDANCE_DIR, guidance_kwargs
+            )
+        else:  # a guidance network saved here before would otherwise be loaded with this purifier
+            for name in (GUIDANCE_CONFIG, GUIDANCE_WEIGHTS):
+                (folder / GUIDANCE_DIR / name).unlink(missing_ok=True)
+        config.save(folder / PURIFIER_CONFIG)
+        card = model_card(
+            config, guidance=guidance, metrics=metrics, card_data=card_data, repo_id=repo_id,
+            denoiser_parameters=sum(p.numel() for p in self.unet.parameters()),
+        )
+        (folder / MODEL_CARD).write_text(card)
+        return folder
+
+
+def resolve_folder(
+    repo_id_or_dir: str | Path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | None = None,
+    local_files_only: bool = False,
+    allow_patterns: list[str] | None = None,
+) -> Path:
+    """A local folder as it is, or a Hub repo id through snapshot_download (cache, revision,
+    HF_HUB_OFFLINE)."""
+    path = Path(repo_id_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    name = str(repo_id_or_dir)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(
+            f"{name!r} is not a folder, nor a Hub repo id of the form 'user/name'"
+        )
+    from purifyguard import __version__
+
+    return Path(snapshot_download(
+        name, revision=revision, cache_dir=cache_dir, token=token,
+        local_files_only=local_files_only, allow_patterns=allow_patterns,
+        library_name="purifyguard", library_version=__version__,
+    ))
+
+
+def refuse_pickles(folder: Path) -> None:
+    """ValueError if the folder holds a pickle checkpoint: purifyguard reads safetensors only."""
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in PICKLE_SUFFIXES and path.is_file():
+            raise ValueError(_pickle_message(path.relative_to(folder), folder))
+
+
+def require_file(path: Path) -> Path:
+    """The path, or FileNotFoundError naming the missing file."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"missing file {path.parent.name}/{path.name} (expected at {path}); a purifier "
+            f"folder holds {PURIFIER_CONFIG}, {UNET_DIR}/, {SCHEDULER_DIR}/ and optionally "
+            f"{GUIDANCE_DIR}/ (see docs/hub.md)"
+        )
+    return path
+
+
+def load_unet(folder: Path, torch_dtype: torch.dtype = torch.float32) -> UNet2DModel:
+    """A diffusers UNet2DModel from its safetensors weights; pickle-only folders are refused."""
+    weights = folder / UNET_WEIGHTS
+    if not weights.is_file():
+        pickles = [p for p in sorted(folder.glob("*")) if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles:
+            raise ValueError(_pickle_message(Path(folder.name) / pickles[0].name, folder.parent))
+    require_file(folder / "config.json")
+    require_file(weights)
+    return UNet2DModel.from_pretrained(folder, use_safetensors=True, torch_dtype=torch_dtype)
+
+
+def load_scheduler(folder: Path) -> DDPMScheduler:
+    """The DDPM noise schedule of a diffusers scheduler folder (DDIM/PNDM configs share it)."""
+    config = json.loads(require_file(folder / SCHEDULER_CONFIG).read_text())
+    return DDPMScheduler.from_config(config)
+
+
+def create_guidance_network(architecture: str, **kwargs: Any) -> nn.Module:
+    """timm.create_model(architecture, pretrained=False, **kwargs), remembering the kwargs so
+    that save_pretrained can write them."""
+    network = timm.create_model(architecture, pretrained=False, **kwargs)
+    setattr(network, TIMM_KWARGS_ATTRIBUTE, dict(kwargs))
+    return network
+
+
+def guidance_architecture(
+    network: nn.Module, kwargs: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The timm name and create_model kwargs that rebuild the network, checked shape by shape.
+
+    num_classes and in_chans are read off the network; other kwargs come from `kwargs` or from
+    create_guidance_network.
+    """
+    architecture = getattr(network, "pretrained_cfg", {}).get("architecture")
+    if architecture is None:
+        raise ValueError(
+            f"cannot save guidance network {type(network).__name__}: it is not a timm model "
+            "(no pretrained_cfg['architecture'])"
+        )
+    found = {"num_classes": int(network.num_classes)}
+    first_conv = network.pretrained_cfg.get("first_conv")
+    if isinstance(first_conv, str):
+        found["in_chans"] = int(network.get_submodule(first_conv).in_channels)
+    found.update(getattr(network, TIMM_KWARGS_ATTRIBUTE, {}))
+    found.update(kwargs or {})
+    found = json.loads(json.dumps(found))  # as it will read back: tuples become lists
+    with torch.device("meta"):
+        rebuilt = timm.create_model(architecture, pretrained=False, **found)
+    expected = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    actual = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    if expected != actual:
+        difference = min(
+            k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k)
+        )
+        raise ValueError(
+            f"timm.create_model({architecture!r}, **{found}) does not rebuild the guidance "
+            f"network: {difference} is {actual.get(difference)} in it, {expected.get(difference)} "
+            "rebuilt; pass guidance_kwargs={...} with the kwargs it was created with"
+        )
+    return architecture, found
+
+
+def save_guidance_network(
+    network: nn.Module, folder: Path, kwargs: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Write guidance/config.json and guidance/model.safetensors; returns (name, kwargs)."""
+    architecture, kwargs = guidance_architecture(network, kwargs)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"library": "timm", "architecture": architecture, "kwargs": kwargs}
+    (folder / GUIDANCE_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    save_model(network, str(folder / GUIDANCE_WEIGHTS))
+    return architecture, kwargs
+
+
+def load_guidance_network(folder: Path) -> nn.Module:
+    """The timm guidance network of guidance/, weights from safetensors on the CPU."""
+    config = json.loads(require_file(folder / GUIDANCE_CONFIG).read_text())
+    network = create_guidance_network(config["architecture"], **config.get("kwargs", {}))
+    load_model(network, str(require_file(folder / GUIDANCE_WEIGHTS)), strict=True, device="cpu")
+    return network.eval()
+
+
+def _pickle_message(relative: Path, folder: Path) -> str:
+    return (
+        f"refusing pickle checkpoint {relative.as_posix()} in {folder}: purifyguard loads "
+        "safetensors only, because unpickling can run arbitrary code. Re-save the weights "
+        "with safetensors (e.g. unet.save_pretrained(dir, safe_serialization=True)) and "
+        "remove the pickle file"
+    )

@@ -1,0 +1,304 @@
+"""Hub integration: purifiers save, load, push and convert like Hub models, in safetensors only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from unittest import mock
+
+import huggingface_hub
+import pytest
+import timm
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from huggingface_hub import HfApi, ModelCard
+
+from purifyguard import PurifiedModel, Purifier, load_purifier
+from purifyguard.hub import create_guidance_network
+from purifyguard.registry import default_purifier_name
+
+GUIDANCE_KWARGS = {"channels": (8, 16, 32, 64)}
+FULL_LAYOUT = {
+    "README.md",
+    "purifier_config.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+    "guidance/config.json",
+    "guidance/model.safetensors",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a CPU shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_unet(channels: int = 1, size: int = 28, seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=size, in_channels=channels, out_channels=channels,
+        block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    )
+
+
+def tiny_guidance_network(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("resnet10t", num_classes=10, in_chans=1, **GUIDANCE_KWARGS)
+
+
+def guided_purifier(**settings) -> Purifier:
+    """Adversarial guidance on a stochastic 3-step DDIM: noise, denoiser and guidance all count."""
+    settings = {"t_star": 20, "sampler": "ddim", "n_steps": 2, "eta": 0.5,
+                "guidance": "adversarial", "guidance_scale": 1.0, "scale_schedule": "constant",
+                **settings}
+    return Purifier(tiny_unet(), DDPMScheduler(), tiny_guidance_network(), **settings)
+
+
+def files_under(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def images(channels: int = 1, size: int = 28) -> torch.Tensor:
+    return torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def saved(tmp_path) -> tuple[Purifier, Path]:
+    purifier = guided_purifier()
+    purifier.save_pretrained(tmp_path / "purifier", guidance_kwargs=GUIDANCE_KWARGS)
+    return purifier, tmp_path / "purifier"
+
+
+def fill_hub_cache(cache: Path, repo_id: str, folder: Path, refs: dict[str, str]) -> None:
+    """Lay a folder out as huggingface_hub's cache does: snapshots/<commit>/ and refs/<name>."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    for ref, commit in refs.items():
+        if not (repo / "snapshots" / commit).exists():
+            shutil.copytree(folder, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An offline Hub cache in tmp_path. huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE
+    into huggingface_hub.constants at import time, so both the environment and the constants
+    are set."""
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_save_then_load_purifies_bit_identically_with_adversarial_guidance(saved):
+    purifier, folder = saved
+    purifier.guidance_scale.data.fill_(2.0)  # as if the scale had been fine-tuned
+    purifier.save_pretrained(folder, guidance_kwargs=GUIDANCE_KWARGS)
+    assert files_under(folder) == FULL_LAYOUT
+
+    loaded = Purifier.from_pretrained(folder)
+
+    assert loaded.config == purifier.current_config()
+    assert loaded.current_config().guidance_scale == 2.0
+    for name, weight in purifier.guidance_network.state_dict().items():
+        assert torch.equal(loaded.guidance_network.state_dict()[name], weight), name
+    x = images()
+    expected = purifier.purify(x, seed=7)
+    assert torch.equal(loaded.purify(x, seed=7), expected)
+    # The guidance network shapes the result, so the equality above covers its round trip.
+    assert not torch.equal(purifier.with_settings(guidance_scale=0.0).purify(x, seed=7), expected)
+
+
+def test_guidance_network_needs_the_kwargs_that_rebuild_it(tmp_path):
+    purifier = guided_purifier()
+    with pytest.raises(ValueError, match="guidance_kwargs"):
+        purifier.save_pretrained(tmp_path / "p")  # channels=(8, 16, 32, 64) is not recorded
+
+    network = create_guidance_network("resnet10t", num_classes=10, in_chans=1, **GUIDANCE_KWARGS)
+    Purifier(tiny_unet(), guidance_network=network, guidance="adversarial").save_pretrained(
+        tmp_path / "q"
+    )
+    saved = json.loads((tmp_path / "q" / "guidance" / "config.json").read_text())
+    assert saved == {"library": "timm", "architecture": "resnet10t",
+                     "kwargs": {"num_classes": 10, "in_chans": 1, "channels": [8, 16, 32, 64]}}
+
+
+def test_loading_a_repo_id_goes_through_the_offline_hub_cache(saved, offline_hub):
+    purifier, folder = saved
+    commit, tagged_commit = "a" * 40, "b" * 40
+    fill_hub_cache(offline_hub, "user/tiny-purifier", folder, {"main": commit})
+    retagged = folder.parent / "retagged"
+    purifier.with_settings(t_star=10, n_steps=2).save_pretrained(
+        retagged, guidance_kwargs=GUIDANCE_KWARGS
+    )
+    fill_hub_cache(offline_hub, "user/tiny-purifier", retagged, {"v1": tagged_commit})
+
+    loaded = Purifier.from_pretrained("user/tiny-purifier")
+    x = images()
+    assert torch.equal(loaded.purify(x, seed=3), purifier.purify(x, seed=3))
+    assert Purifier.from_pretrained("user/tiny-purifier", revision="v1").config.t_star == 10
+
+    classifier = timm.create_model("resnet10t", num_classes=10, in_chans=1, **GUIDANCE_KWARGS)
+    model = PurifiedModel(classifier, "user/tiny-purifier", mean=(0.5,), std=(0.5,))
+    assert model.purifier.config == purifier.config
+    assert model(x).shape == (2, 10)
+
+    with pytest.raises(huggingface_hub.errors.LocalEntryNotFoundError):
+        Purifier.from_pretrained("user/not-in-the-cache")
+
+
+def test_purified_model_loads_a_local_folder(saved, monkeypatch):
+    purifier, folder = saved
+    monkeypatch.chdir(folder.parent)
+    classifier = timm.create_model("resnet10t", num_classes=10, in_chans=1, **GUIDANCE_KWARGS)
+    model = PurifiedModel(classifier, f"./{folder.name}", mean=(0.5,), std=(0.5,))
+    assert model.purifier.config == purifier.config
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        Purifier.from_pretrained("./no-such-folder")
+
+
+def shrunk_ddpm_cifar10_pipeline() -> DDPMPipeline:
+    """google/ddpm-cifar10-32's configuration (3x32x32, attention at 16x16, linear betas) with
+    far fewer channels."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(16, 32, 32, 32), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+        variance_type="fixed_large", clip_sample=True,
+    )
+    return DDPMPipeline(unet=unet, scheduler=scheduler)
+
+
+def test_from_diffusers_turns_a_ddpm_pipeline_into_an_unguided_purifier(tmp_path):
+    pipeline = shrunk_ddpm_cifar10_pipeline()
+    pipeline.save_pretrained(tmp_path / "ddpm")
+
+    purifier = Purifier.from_diffusers(tmp_path / "ddpm", t_star=30, sampler="ddim", n_steps=2)
+
+    assert (purifier.channels, purifier.resolution) == (3, 32)
+    assert (purifier.config.t_star, purifier.config.guidance) == (30, "none")
+    assert purifier.guidance_network is None
+    assert torch.equal(purifier.schedule.alphas_cumprod, pipeline.scheduler.alphas_cumprod.double())
+    for name, weight in pipeline.unet.state_dict().items():
+        assert torch.equal(purifier.unet.state_dict()[name], weight), name
+    x = images(channels=3, size=32)
+    purified = purifier.purify(x, seed=0)
+    assert purified.shape == x.shape and not torch.equal(purified, x)
+
+    purifier.save_pretrained(tmp_path / "purifier")  # unguided: no guidance/ folder
+    assert files_under(tmp_path / "purifier") == FULL_LAYOUT - {
+        "guidance/config.json", "guidance/model.safetensors"
+    }
+    reloaded = Purifier.from_pretrained(tmp_path / "purifier")
+    assert torch.equal(reloaded.purify(x, seed=0), purified)
+
+
+def test_cifar10_ddpm_is_the_registered_default_and_loads_from_the_hub_cache(
+    tmp_path, offline_hub
+):
+    assert default_purifier_name(3, 32) == "cifar10-ddpm"
+    shrunk_ddpm_cifar10_pipeline().save_pretrained(tmp_path / "ddpm")
+    fill_hub_cache(offline_hub, "google/ddpm-cifar10-32", tmp_path / "ddpm", {"main": "c" * 40})
+
+    purifier = load_purifier("cifar10-ddpm")
+
+    assert (purifier.config.t_star, purifier.channels, purifier.resolution) == (100, 3, 32)
+    assert purifier.config.extra["diffusion_model"] == "google/ddpm-cifar10-32"
+
+
+def test_pickle_checkpoints_are_refused(saved, tmp_path):
+    _, folder = saved
+    torch.save({"weights": torch.zeros(1)}, folder / "guidance" / "extra.pt")
+    with pytest.raises(ValueError, match=r"refusing pickle checkpoint guidance/extra\.pt"):
+        Purifier.from_pretrained(folder)
+
+    pipeline = shrunk_ddpm_cifar10_pipeline()
+    pipeline.save_pretrained(tmp_path / "ddpm", safe_serialization=False)
+    with pytest.raises(ValueError, match=r"refusing pickle checkpoint unet/diffusion_pytorch_model"
+                                         r"\.bin.*safetensors only"):
+        Purifier.from_diffusers(tmp_path / "ddpm")
+
+
+def test_a_missing_file_is_named(saved):
+    _, folder = saved
+    (folder / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="missing file scheduler/scheduler_config.json"):
+        Purifier.from_pretrained(folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing file unet/diffusion_pytorch_model"):
+        Purifier.from_pretrained(folder)
+    (folder / "purifier_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="missing file .*purifier_config.json"):
+        Purifier.from_pretrained(folder)
+
+
+def test_a_config_of_an_unknown_version_is_refused(saved):
+    _, folder = saved
+    config = json.loads((folder / "purifier_config.json").read_text())
+    config["config_version"] = 99
+    (folder / "purifier_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config version 99 is not supported"):
+        Purifier.from_pretrained(folder)
+
+
+def test_model_card_states_settings_training_data_and_metrics(tmp_path):
+    purifier = guided_purifier(training_data="Fashion-MNIST (training split)")
+    metrics = {"clean_accuracy": 0.91234, "robust_accuracy": 0.5, "attack": "PGD-20 EOT-4"}
+    purifier.save_pretrained(tmp_path / "p", guidance_kwargs=GUIDANCE_KWARGS, metrics=metrics,
+                             card_data={"license": "mit"})
+
+    card = ModelCard.load(tmp_path / "p" / "README.md")
+
+    assert card.data.library_name == "purifyguard"
+    assert "adversarial-purification" in card.data.tags
+    assert card.data.license == "mit"
+    for text in ("Fashion-MNIST (training split)", "| clean_accuracy | 0.9123 |",
+                 "| attack | PGD-20 EOT-4 |", "timm resnet10t", "| guidance | adversarial |",
+                 "Evaluation protocol"):
+        assert text in card.text, text
+
+
+def test_push_to_hub_uploads_the_full_folder(tmp_path):
+    # A mock of HfApi: no Hub is reachable from the tests.
+    uploaded = {}
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploaded.update(repo_id=repo_id, files=files_under(Path(folder_path)), **kwargs)
+        return mock.Mock(commit_url="https://huggingface.co/user/tiny/commit/abc")
+
+    purifier = guided_purifier()
+    with mock.patch.object(HfApi, "create_repo") as create_repo, \
+            mock.patch.object(HfApi, "upload_folder", upload_folder):
+        url = purifier.push_to_hub("user/tiny", private=True, guidance_kwargs=GUIDANCE_KWARGS)
+
+    create_repo.assert_called_once_with("user/tiny", private=True, exist_ok=True)
+    assert uploaded["repo_id"] == "user/tiny"
+    assert uploaded["files"] == FULL_LAYOUT
+    assert url == "https://huggingface.co/user/tiny/commit/abc"
+
+
+def test_push_to_hub_dry_run_lists_the_files_and_contacts_nothing():
+    purifier = guided_purifier()
+    with mock.patch.object(HfApi, "create_repo") as create_repo, \
+            mock.patch.object(HfApi, "upload_folder") as upload_folder:
+        files = purifier.push_to_hub("user/tiny", dry_run=True, guidance_kwargs=GUIDANCE_KWARGS)
+    assert set(files) == FULL_LAYOUT
+    assert all(size > 0 for size in files.values())
+    create_repo.assert_not_called()
+    upload_folder.assert_not_called()
