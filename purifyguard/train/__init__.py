@@ -1,0 +1,1 @@
+"""Training routines, each a plain accelerate loop: diffusion, guidance, adapt."""

@@ -1,0 +1,123 @@
+"""Train a diffusers UNet2DModel denoiser: epsilon-prediction MSE with EMA weights.
+
+    accelerate launch -m purifyguard.train diffusion --data fashion-mnist --steps 4000 --t-max 300
+
+Purification only visits t <= t*, so --t-max trains the steps [1, t_max] alone (cheaper).
+The export (output_dir/final) is an unguided purifier in the Hub layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import json
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+
+from purifyguard.data import load_dataset
+from purifyguard.purifier import Purifier
+from purifyguard.train.options import add_common_arguments, int_list, parse_with_config
+from purifyguard.train.run import TrainingRun
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="purifyguard train diffusion", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--unet-config", help="JSON file of UNet2DModel settings (overrides below)")
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--block-out-channels", type=int_list, default=(32, 64, 64))
+    parser.add_argument("--layers-per-block", type=int, default=1)
+    parser.add_argument("--attention-levels", type=int_list, default=(1,),
+                        help="which resolution levels (0 = full) carry self-attention")
+    parser.add_argument("--num-train-timesteps", type=int, default=1000)
+    parser.add_argument("--beta-schedule", default="linear")
+    parser.add_argument("--t-max", type=int, help="train only t in [1, t_max] (default: all)")
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--export-t-star", type=int, default=100, help="t* of the export")
+    return parser
+
+
+def build_unet(args: argparse.Namespace) -> UNet2DModel:
+    if args.unet_config:
+        with open(args.unet_config) as handle:
+            return UNet2DModel(**json.load(handle))
+    levels = range(len(args.block_out_channels))
+    return UNet2DModel(
+        sample_size=args.image_size,
+        in_channels=args.channels,
+        out_channels=args.channels,
+        block_out_channels=args.block_out_channels,
+        layers_per_block=args.layers_per_block,
+        down_block_types=tuple(
+            "AttnDownBlock2D" if i in args.attention_levels else "DownBlock2D" for i in levels
+        ),
+        up_block_types=tuple(
+            "AttnUpBlock2D" if i in args.attention_levels else "UpBlock2D" for i in reversed(levels)
+        ),
+        norm_num_groups=math.gcd(32, *args.block_out_channels),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_with_config(build_parser(), argv)
+    run = TrainingRun(args, "diffusion")
+    scheduler = DDPMScheduler(
+        num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule
+    )
+    t_max = args.t_max or args.num_train_timesteps
+    if not 1 <= t_max <= args.num_train_timesteps:
+        raise ValueError(f"--t-max must lie in [1, {args.num_train_timesteps}], got {t_max}")
+    dataset = load_dataset(args.data, args.data_root, train=True, image_size=args.image_size)
+
+    unet = build_unet(args)
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DModel,
+                   model_config=unet.config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    unet, optimizer, loader = run.accelerator.prepare(unet, optimizer, run.loader(dataset))
+    ema.to(run.device)
+    run.accelerator.register_for_checkpointing(ema)
+    start = run.resume()
+    batches = run.batches(loader)
+
+    unet.train()
+    bar = run.progress(start)
+    for step in bar:
+        for _ in range(args.grad_accum):
+            images, _ = next(batches)
+            x0 = _fit_size(images, args.image_size) * 2 - 1
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, t_max, (x0.shape[0],), device=x0.device)
+            with run.accelerator.accumulate(unet):
+                predicted = unet(scheduler.add_noise(x0, noise, t), t).sample
+                loss = F.mse_loss(predicted.float(), noise.float())
+                run.accelerator.backward(loss)
+                if run.accelerator.sync_gradients:
+                    run.accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+            run.count_images(x0.shape[0])
+        ema.step(unet.parameters())
+        if run.should(args.log_every, step):
+            run.log(bar, step + 1, {"loss": run.accelerator.reduce(loss.detach(), "mean").item()})
+        if run.should(args.checkpoint_every, step):
+            run.save_checkpoint(step + 1)
+
+    if run.is_main:
+        export = run.accelerator.unwrap_model(unet)
+        ema.copy_to(export.parameters())
+        t_star = min(args.export_t_star, t_max)
+        purifier = Purifier(export.eval(), scheduler, t_star=t_star, training_data=args.data)
+        purifier.save_pretrained(run.output_dir / "final")
+        print(f"exported the EMA denoiser as an unguided purifier to {run.output_dir / 'final'}")
+    run.finish()
+
+
+def _fit_size(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)

@@ -1,0 +1,165 @@
+"""Train the auxiliary guidance network (any timm model) with TRADES (Zhang et al., 2019).
+
+    loss = CE(h(x), y) + beta * KL(h(x) || h(x')),  x' = PGD on the KL inside the eps-ball
+
+    accelerate launch -m purifyguard.train guidance --model resnet18 \\
+        --model-kwargs '{"channels": [16, 32, 64, 128]}' --eps 0.1 --beta 6 --pgd-steps 10
+
+--teacher <folder> makes the targets y a given classifier's own clean predictions, so the robust
+latent space follows that classifier's semantics. --beta 0 --pgd-steps 0 is plain training,
+which is how the standard classifier of the demo is trained. The export (output_dir/final) is
+the network as safetensors with its timm architecture and kwargs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from purifyguard.data import load_dataset
+from purifyguard.hub import create_guidance_network, load_guidance_network, save_guidance_network
+from purifyguard.train.options import add_common_arguments, parse_with_config
+from purifyguard.train.run import TrainingRun
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="purifyguard train guidance", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--model", default="resnet18", help="timm architecture name")
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help='JSON of extra timm.create_model kwargs, e.g. {"channels": [16, 32, 64, 128]}')
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--in-chans", type=int, default=1)
+    parser.add_argument("--eps", type=float, default=0.1, help="L-inf radius of the threat model")
+    parser.add_argument("--beta", type=float, default=6.0, help="weight of the TRADES KL term")
+    parser.add_argument("--pgd-steps", type=int, default=10)
+    parser.add_argument("--pgd-step-size", type=float, help="default: eps / 4")
+    parser.add_argument("--teacher", help="folder of a saved timm classifier whose clean "
+                        "predictions become the targets")
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--eval-images", type=int, default=10000,
+                        help="test images for the final clean accuracy")
+    return parser
+
+
+def raw_input_config(image_shape: torch.Size) -> dict:
+    """The network reads images in [0, 1] as they are: say so in its timm pretrained config,
+    so that PurifiedModel applies no ImageNet normalisation to it."""
+    channels, height, width = image_shape
+    return {"mean": [0.0] * channels, "std": [1.0] * channels,
+            "input_size": [channels, height, width]}
+
+
+def trades_adversary(
+    model: nn.Module, x: torch.Tensor, eps: float, steps: int, step_size: float
+) -> torch.Tensor:
+    """x' maximising KL(h(x) || h(x')) by L-inf PGD inside the eps-ball, within [0, 1]."""
+    if steps == 0 or eps == 0:
+        return x
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        clean = F.softmax(model(x), dim=1)
+    x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), clean, reduction="sum")
+        gradient, = torch.autograd.grad(kl, x_adv)
+        x_adv = x_adv.detach() + step_size * gradient.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    model.train(was_training)
+    return x_adv.detach()
+
+
+def trades_loss(
+    logits: torch.Tensor, logits_adv: torch.Tensor, targets: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, KL term): CE on clean images plus beta times the batch-mean KL."""
+    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1),
+                  reduction="batchmean")
+    return F.cross_entropy(logits, targets) + beta * kl, kl
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_with_config(build_parser(), argv)
+    run = TrainingRun(args, "guidance")
+    step_size = args.pgd_step_size or args.eps / 4
+    dataset = load_dataset(args.data, args.data_root, train=True)
+    model = create_guidance_network(
+        args.model, num_classes=args.num_classes, in_chans=args.in_chans,
+        pretrained_cfg_overlay=raw_input_config(dataset[0][0].shape), **args.model_kwargs,
+    )
+    teacher = load_guidance_network(args.teacher).to(run.device) if args.teacher else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9,
+                                weight_decay=args.weight_decay, nesterov=True)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr,
+                                                   total_steps=args.steps, pct_start=0.15)
+    model, optimizer, loader, schedule = run.accelerator.prepare(
+        model, optimizer, run.loader(dataset), schedule
+    )
+    start = run.resume()
+    batches = run.batches(loader)
+
+    model.train()
+    bar = run.progress(start)
+    for step in bar:
+        for _ in range(args.grad_accum):
+            images, labels = next(batches)
+            if teacher is not None:
+                with torch.no_grad():
+                    labels = teacher(images).argmax(1)
+            robust = args.beta > 0 and args.pgd_steps > 0
+            if robust:
+                adversarial = trades_adversary(model, images, args.eps, args.pgd_steps, step_size)
+            with run.accelerator.accumulate(model):
+                if robust:
+                    clean, adv = model(torch.cat([images, adversarial])).chunk(2)
+                    loss, kl = trades_loss(clean, adv, labels, args.beta)
+                else:
+                    clean = model(images)
+                    loss, kl = F.cross_entropy(clean, labels), torch.zeros((), device=run.device)
+                run.accelerator.backward(loss)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+            run.count_images(images.shape[0])
+        if run.should(args.log_every, step):
+            accuracy = (clean.argmax(1) == labels).float().mean()
+            metrics = {"loss": loss.detach(), "kl": kl.detach(), "train_accuracy": accuracy}
+            run.log(bar, step + 1, {
+                name: run.accelerator.reduce(value, "mean").item() for name, value in metrics.items()
+            })
+        if run.should(args.checkpoint_every, step):
+            run.save_checkpoint(step + 1)
+
+    model = run.accelerator.unwrap_model(model).eval()
+    accuracy = clean_accuracy(model, args, run.device)
+    if run.is_main:
+        final = run.output_dir / "final"
+        save_guidance_network(model, final)
+        metrics = {"clean_test_accuracy": accuracy, "test_images": args.eval_images,
+                   "steps": args.steps, "eps": args.eps, "beta": args.beta,
+                   "pgd_steps": args.pgd_steps, "seed": args.seed}
+        (final / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"clean test accuracy {accuracy:.4f} on {args.eval_images} images; "
+              f"exported to {final}")
+    run.finish()
+
+
+@torch.no_grad()
+def clean_accuracy(model: nn.Module, args: argparse.Namespace, device: torch.device) -> float:
+    """Clean accuracy on the first eval_images test images (main process)."""
+    test = load_dataset(args.data, args.data_root, train=False)
+    count = min(args.eval_images, len(test))
+    correct = 0
+    for begin in range(0, count, 500):
+        batch = [test[i] for i in range(begin, min(begin + 500, count))]
+        images = torch.stack([image for image, _ in batch]).to(device)
+        labels = torch.tensor([label for _, label in batch], device=device)
+        correct += (model(images).argmax(1) == labels).sum().item()
+    return correct / count
