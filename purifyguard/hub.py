@@ -199,8 +199,11 @@ class PurifierHubMixin:
                 self.guidance_network, folder / GUIDANCE_DIR, guidance_kwargs
             )
         else:  # a guidance network saved here before would otherwise be loaded with this purifier
+            stale = folder / GUIDANCE_DIR
             for name in (GUIDANCE_CONFIG, GUIDANCE_WEIGHTS):
-                (folder / GUIDANCE_DIR / name).unlink(missing_ok=True)
+                (stale / name).unlink(missing_ok=True)
+            if stale.is_dir() and not any(stale.iterdir()):
+                stale.rmdir()
         config.save(folder / PURIFIER_CONFIG)
         card = model_card(
             config, guidance=guidance, metrics=metrics, card_data=card_data, repo_id=repo_id,

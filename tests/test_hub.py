@@ -120,6 +120,14 @@ def test_save_then_load_purifies_bit_identically_with_adversarial_guidance(saved
     assert not torch.equal(purifier.with_settings(guidance_scale=0.0).purify(x, seed=7), expected)
 
 
+def test_saving_an_unguided_purifier_over_a_guided_one_drops_the_guidance_network(saved):
+    purifier, folder = saved
+    Purifier(purifier.unet, DDPMScheduler(), t_star=5).save_pretrained(folder)
+    assert files_under(folder) == FULL_LAYOUT - {"guidance/config.json",
+                                                 "guidance/model.safetensors"}
+    assert Purifier.from_pretrained(folder).guidance_network is None
+
+
 def test_guidance_network_needs_the_kwargs_that_rebuild_it(tmp_path):
     purifier = guided_purifier()
     with pytest.raises(ValueError, match="guidance_kwargs"):
