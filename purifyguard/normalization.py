@@ -68,7 +68,10 @@ def resolve_input_config(
     if weights is not None:
         transforms = weights.transforms()
         resolution = _first(getattr(transforms, "crop_size", None))
-        return tuple(transforms.mean), tuple(transforms.std), resolution, f"weights {weights}"
+        return (
+            _fit(transforms.mean, channels), _fit(transforms.std, channels), resolution,
+            f"weights {weights}",
+        )
     if is_timm_model(model):
         import timm.data
 
@@ -84,7 +87,10 @@ def resolve_input_config(
         )
     if is_torchvision_model(model):
         mean, std, resolution = _torchvision_defaults(model)
-        return mean, std, resolution, f"torchvision weights for {type(model).__name__}"
+        return (
+            _fit(mean, channels), _fit(std, channels), resolution,
+            f"torchvision weights for {type(model).__name__}",
+        )
     logger.warning(
         "%s is neither a timm nor a torchvision model: no normalisation applied; pass mean= and "
         "std= if it expects normalised input", type(model).__name__,
