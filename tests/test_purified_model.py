@@ -55,8 +55,8 @@ def test_torchattacks_pgd_runs_on_a_purified_model_within_eps(make_purifier, ima
 @pytest.mark.parametrize(
     "name,kwargs",
     [
-        ("resnet10t", dict(channels=(8, 16, 32, 64))),  # ImageNet statistics
-        ("vit_tiny_patch16_224", dict(depth=1, img_size=32, patch_size=8)),  # mean = std = 0.5
+        ("resnet10t", {"channels": (8, 16, 32, 64)}),  # ImageNet statistics
+        ("vit_tiny_patch16_224", {"depth": 1, "img_size": 32, "patch_size": 8}),  # mean = std = 0.5
     ],
 )
 def test_timm_classifier_gets_its_own_normalisation(name, kwargs):

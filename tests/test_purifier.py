@@ -15,9 +15,9 @@ from purifyguard.config import GUIDANCE_MODES, SAMPLERS
 # variance schedule (s_t = s * beta_t), adversarial with a constant s_t (the untrained guidance
 # network's feature gradients are small).
 SCALES = {
-    "none": dict(guidance_scale=0.0),
-    "pixel": dict(guidance_scale=100.0, scale_schedule="variance"),
-    "adversarial": dict(guidance_scale=20.0, scale_schedule="constant"),
+    "none": {"guidance_scale": 0.0},
+    "pixel": {"guidance_scale": 100.0, "scale_schedule": "variance"},
+    "adversarial": {"guidance_scale": 20.0, "scale_schedule": "constant"},
 }
 
 
@@ -129,8 +129,8 @@ def test_full_gradients_are_finite_and_non_zero(make_purifier, images, sampler, 
 
 @pytest.mark.parametrize(
     "variant",
-    [dict(guidance_on="x_t"), dict(distance="cosine"), dict(class_weight=1.0),
-     dict(guidance_on="x_t", class_weight=0.5)],
+    [{"guidance_on": "x_t"}, {"distance": "cosine"}, {"class_weight": 1.0},
+     {"guidance_on": "x_t", "class_weight": 0.5}],
 )
 def test_adversarial_guidance_variants_purify_and_differentiate(make_purifier, images, variant):
     # A constant scale: the untrained guidance network's feature gradients are small, and a
@@ -196,7 +196,7 @@ def test_bpda_gradient_is_the_classifier_gradient_at_the_purified_point(
 def test_surrogate_forward_is_the_defended_process_backward_is_the_surrogate(
     make_purifier, images, guidance
 ):
-    settings = dict(t_star=8, sampler="ddpm")
+    settings = {"t_star": 8, "sampler": "ddpm"}
     purifier = guided(
         make_purifier, guidance, gradient_mode="surrogate", surrogate_sampler="ddim",
         surrogate_steps=2, **settings,
@@ -246,7 +246,7 @@ def test_adversarial_guidance_keeps_the_latent_representation_closer_to_the_inpu
             )
         return (features - target).pow(2).sum(1)
 
-    settings = dict(t_star=10, sampler="ddpm")
+    settings = {"t_star": 10, "sampler": "ddpm"}
     unguided = make_purifier(guidance="none", **settings)
     adversarial = make_purifier(
         guidance="adversarial", guidance_scale=20.0, scale_schedule="constant", **settings
