@@ -1,6 +1,7 @@
 """purifyguard: a robust diffusion purifier with adversarial guidance in front of any classifier."""
 
 from purifyguard.config import PurifierConfig
+from purifyguard.evaluation import evaluate
 from purifyguard.purified_model import PurifiedModel
 from purifyguard.purifier import Purifier
 from purifyguard.registry import list_purifiers, load_purifier, register_purifier
@@ -11,6 +12,7 @@ __all__ = [
     "PurifiedModel",
     "Purifier",
     "PurifierConfig",
+    "evaluate",
     "list_purifiers",
     "load_purifier",
     "register_purifier",

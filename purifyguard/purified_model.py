@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,6 +65,13 @@ class PurifiedModel(nn.Module):
     def undefended(cls, classifier: nn.Module, **kwargs) -> PurifiedModel:
         """The bare classifier behind the same interface, for baselines."""
         return cls(classifier, purifier=False, **kwargs)
+
+    def with_purifier(self, purifier: Purifier | None) -> PurifiedModel:
+        """The same classifier and input handling in front of another purifier (None: none)."""
+        clone = copy.copy(self)
+        clone._modules = dict(self._modules)
+        clone.purifier = purifier
+        return clone
 
     @property
     def defended(self) -> bool:

@@ -1,0 +1,61 @@
+"""Several defences side by side: the same images, attacks and seeds for every one of them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from purifyguard.evaluation.attacks import AttackSpec
+from purifyguard.evaluation.harness import Data, evaluate_models
+from purifyguard.purified_model import PurifiedModel
+
+logger = logging.getLogger(__name__)
+
+GUIDANCE_VARIANTS = ("none", "pixel", "adversarial")
+
+
+def build_defences(
+    model: PurifiedModel, adversarially_trained: nn.Module | None = None,
+    guidance: Sequence[str] = GUIDANCE_VARIANTS,
+) -> dict[str, nn.Module]:
+    """The protocol's line-up from one PurifiedModel: its undefended classifier, an
+    adversarially trained classifier (if given), and its purifier with each guidance mode.
+
+    The guidance variants share the purifier's networks and settings (scale included); a mode
+    the purifier cannot run (adversarial guidance without a guidance network) is left out with a
+    warning.
+    """
+    if model.purifier is None:
+        raise ValueError("build_defences needs a PurifiedModel with a purifier")
+    defences: dict[str, nn.Module] = {"undefended": model.with_purifier(None)}
+    if adversarially_trained is not None:
+        defences["adversarially-trained"] = adversarially_trained
+    for mode in guidance:
+        try:
+            purifier = model.purifier.with_settings(guidance=mode)
+        except ValueError as error:
+            logger.warning("compare: leaving out the %r guidance purifier: %s", mode, error)
+            continue
+        defences[f"purifier-{mode}"] = model.with_purifier(purifier)
+    return defences
+
+
+def compare(
+    defences: dict[str, nn.Module], data: Data, attacks: Sequence[AttackSpec | str] | None = None,
+    *, undefended: nn.Module | None = None, **settings: Any,
+) -> dict[str, Any]:
+    """Evaluate every defence on the same examples and attacks; one report for all of them.
+
+    undefended: the bare classifier the transfer attack is crafted on, shared by all defences
+    (default: each PurifiedModel's own classifier; for other models, defences["undefended"]).
+    settings: as for evaluate (n, batch_size, runs, seed, output_dir, resume, sanity, ...).
+    """
+    shared = undefended if undefended is not None else defences.get("undefended")
+    sources = {
+        name: shared if not isinstance(model, PurifiedModel) or undefended is not None else None
+        for name, model in defences.items()
+    }
+    return evaluate_models(defences, data, attacks, undefended=sources, **settings)

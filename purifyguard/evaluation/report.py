@@ -1,0 +1,181 @@
+"""The report: one JSON record per model x attack (schema below, documented in
+docs/evaluation.md), and the same numbers as a Markdown table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from purifyguard.evaluation.attacks import AttackSpec
+from purifyguard.evaluation.stats import wilson_interval
+from purifyguard.evaluation.store import batch_key
+from purifyguard.evaluation.verdict import accuracy_summary
+
+SCHEMA_VERSION = 1
+_NUMBER = (int, float)
+_ACCURACY = {
+    "n": int, "per_run": [_NUMBER], "mean": _NUMBER, "worst_case": _NUMBER,
+    "ci95_mean": [_NUMBER], "ci95_worst_case": [_NUMBER],
+}
+RECORD_SCHEMA = {
+    "model": str,
+    "attack": {
+        "name": str, "kind": str, "norm": str, "eps": _NUMBER, "steps": int,
+        "step_size": _NUMBER, "eot": int, "random_start": bool, "gradient_mode": str,
+        "checkpointing": bool, "n_queries": (int, type(None)), "reduced": bool,
+    },
+    "n": int, "seed": int, "runs": int,
+    "clean_accuracy": _ACCURACY,
+    "robust_accuracy": _ACCURACY,
+    "perturbation": {"norm": str, "max": _NUMBER, "mean": _NUMBER, "within_eps": bool},
+    "seconds": _NUMBER,
+    "sanity": str,
+}
+CHECK_SCHEMA = {"check": str, "passed": bool, "message": str, "values": dict}
+REPORT_SCHEMA = {
+    "schema_version": int,
+    "purifyguard_version": str,
+    "settings": {
+        "seed": int, "n": int, "batch_size": int, "runs": int, "data_fingerprint": str,
+        "num_processes": int, "device": str, "seconds": _NUMBER,
+    },
+    "models": dict,
+    "records": [RECORD_SCHEMA],
+    "sanity": (dict, type(None)),
+}
+
+
+def build_report(
+    settings: dict[str, Any], records: dict[str, dict], models: dict[str, dict],
+    specs: list[AttackSpec], sanity: dict[str, list[dict]] | None, *, num_processes: int,
+    device: str, seconds: float,
+) -> dict[str, Any]:
+    """Aggregate the finished batches into one record per model x attack."""
+    from purifyguard import __version__
+
+    n_batches = -(-settings["n"] // settings["batch_size"])
+    rows = []
+    for model_name in models:
+        clean = _batches(records, model_name, None, n_batches)
+        labels = torch.tensor([y for r in clean for y in r["labels"]])
+        clean_correct = _predictions(clean) == labels
+        failed = [c["check"] for c in (sanity or {}).get(model_name, []) if not c["passed"]]
+        verdict = "not run" if sanity is None else ("failed: " + ", ".join(failed) if failed else "passed")
+        for spec in specs:
+            attacked = _batches(records, model_name, spec, n_batches)
+            robust = clean_correct & (_predictions(attacked) == labels)
+            sizes = torch.tensor([s for r in attacked for s in r["perturbation"]])
+            rows.append({
+                "model": model_name,
+                "attack": spec.to_dict(),
+                "n": len(labels), "seed": settings["seed"], "runs": settings["runs"],
+                "clean_accuracy": _summary(clean_correct),
+                "robust_accuracy": _summary(robust),
+                "perturbation": {
+                    "norm": spec.norm, "max": float(sizes.max()), "mean": float(sizes.mean()),
+                    "within_eps": bool(sizes.max() <= spec.eps * (1 + 1e-5) + 1e-6),
+                },
+                "seconds": sum(r["seconds"] for r in attacked),
+                "sanity": verdict,
+            })
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "purifyguard_version": __version__,
+        "settings": {**settings, "num_processes": num_processes, "device": device,
+                     "seconds": seconds},
+        "models": models,
+        "records": rows,
+        "sanity": sanity,
+    }
+
+
+def _batches(records: dict, model_name: str, spec: AttackSpec | None, n_batches: int) -> list:
+    keys = [batch_key(model_name, spec, b) for b in range(n_batches)]
+    missing = [k for k in keys if k not in records]
+    if missing:
+        raise RuntimeError(f"batches never finished: {missing[:3]} ({len(missing)} in all)")
+    return [records[k] for k in keys]
+
+
+def _predictions(batches: list[dict]) -> torch.Tensor:
+    """(runs, n) predictions, batches side by side."""
+    return torch.cat([torch.tensor(r["predictions"]) for r in batches], dim=1)
+
+
+def _summary(correct: torch.Tensor) -> dict[str, Any]:
+    summary = accuracy_summary(correct)
+    summary["ci95_mean"] = list(wilson_interval(summary["mean"], summary["n"]))
+    summary["ci95_worst_case"] = list(wilson_interval(summary["worst_case"], summary["n"]))
+    return summary
+
+
+def validate_report(report: dict[str, Any]) -> None:
+    """Raise ValueError listing every place where `report` departs from REPORT_SCHEMA."""
+    problems = _check(report, REPORT_SCHEMA, "report")
+    for model_checks in (report.get("sanity") or {}).values():
+        for i, check in enumerate(model_checks):
+            problems += _check(check, CHECK_SCHEMA, f"sanity[{i}]")
+    if problems:
+        raise ValueError("report does not follow the schema:\n" + "\n".join(problems))
+
+
+def _check(value: Any, schema: Any, where: str) -> list[str]:
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return [f"{where}: expected an object, got {type(value).__name__}"]
+        problems = [f"{where}: missing {k!r}" for k in schema if k not in value]
+        problems += [f"{where}: unexpected {k!r}" for k in value if k not in schema]
+        for key in schema.keys() & value.keys():
+            problems += _check(value[key], schema[key], f"{where}.{key}")
+        return problems
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return [f"{where}: expected a list, got {type(value).__name__}"]
+        return [p for i, item in enumerate(value) for p in _check(item, schema[0], f"{where}[{i}]")]
+    if isinstance(value, bool) and schema in (int, _NUMBER):
+        return [f"{where}: expected a number, got a bool"]
+    if not isinstance(value, schema):
+        return [f"{where}: expected {schema}, got {type(value).__name__}"]
+    return []
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The records as a Markdown table, followed by the sanity checks (failures marked)."""
+    settings = report["settings"]
+    lines = [
+        (f"Seed {settings['seed']}, n = {settings['n']}, R = {settings['runs']} purifications "
+         "per verdict; robust = mean over runs [95% Wilson interval], worst = robust in every "
+         "run."),
+        "",
+        ("| model | attack | norm | eps | steps | EOT | gradient | clean | robust (mean) [95% CI] "
+         "| robust (worst) | reduced | sanity |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["records"]:
+        a, clean, robust = r["attack"], r["clean_accuracy"], r["robust_accuracy"]
+        steps = a["n_queries"] if a["kind"] == "square" else a["steps"]
+        low, high = robust["ci95_mean"]
+        sanity = r["sanity"] if r["sanity"] in ("passed", "not run") else f"**{r['sanity'].upper()}**"
+        lines.append(
+            f"| {r['model']} | {a['name']} | {a['norm']} | {a['eps']:g} | {steps} | {a['eot']} "
+            f"| {a['gradient_mode']} | {100 * clean['mean']:.1f} | {100 * robust['mean']:.1f} "
+            f"[{100 * low:.1f}, {100 * high:.1f}] | {100 * robust['worst_case']:.1f} "
+            f"| {'yes' if a['reduced'] else 'no'} | {sanity} |"
+        )
+    for model_name, checks in (report["sanity"] or {}).items():
+        lines += ["", f"Sanity checks for {model_name}:", ""]
+        for check in checks:
+            mark = "passed" if check["passed"] else "**FAILED**"
+            lines.append(f"- {check['check']}: {mark}. {check['message']}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], output_dir: str | Path) -> None:
+    """report.json and report.md in output_dir."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "report.md").write_text(markdown_table(report))
