@@ -52,6 +52,7 @@ def model_card(
             header=("component", "what"),
         ),
         "## Training data\n\n" + (config.training_data or "Not recorded."),
+        training_section(config.extra.get("training")),
         "## Evaluation protocol\n\n" + EVALUATION_PROTOCOL,
         "## Results\n\n" + (
             _table({name: _format(value) for name, value in metrics.items()},
@@ -59,7 +60,39 @@ def model_card(
             else "No measured clean or robust accuracy was supplied when this card was written."
         ),
     ]
-    return "\n\n".join(sections) + "\n"
+    return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def training_section(training: dict[str, Any] | None) -> str:
+    """How the weights were trained (command, steps, data, seed), or "" when not recorded."""
+    if not training:
+        return ""
+    rows = {name: f"`{value}`" if name == "command" else _format(value)
+            for name, value in training.items()}
+    return "## How it was trained\n\n" + _table(rows, header=("what", "value"))
+
+
+def network_card(
+    architecture: str, kwargs: dict[str, Any], *, title: str, description: str,
+    training: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+) -> str:
+    """The card of a saved timm network folder (a classifier or a guidance network)."""
+    yaml = ModelCardData(library_name="timm", tags=["purifyguard", "image-classification"]).to_yaml()
+    arguments = ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
+    sections = [
+        f"---\n{yaml}\n---",
+        f"# {title}",
+        description,
+        "```python\nfrom pathlib import Path\n\nfrom purifyguard.hub import load_guidance_network\n\n"
+        'network = load_guidance_network(Path("path/to/this/folder"))  # images in [0, 1]\n```',
+        f"## Architecture\n\n`timm.create_model({architecture!r}, {arguments})`",
+        training_section(training),
+        "## Results\n\n" + (
+            _table({name: _format(value) for name, value in metrics.items()},
+                   header=("metric", "value")) if metrics else "Not measured."
+        ),
+    ]
+    return "\n\n".join(section for section in sections if section) + "\n"
 
 
 def _usage(where: str) -> str:

@@ -65,7 +65,7 @@ def build_unet(args: argparse.Namespace) -> UNet2DModel:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_with_config(build_parser(), argv)
-    run = TrainingRun(args, "diffusion")
+    run = TrainingRun(args, "diffusion", argv)
     scheduler = DDPMScheduler(
         num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule
     )
@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         export = run.accelerator.unwrap_model(unet)
         ema.copy_to(export.parameters())
         t_star = min(args.export_t_star, t_max)
-        purifier = Purifier(export.eval(), scheduler, t_star=t_star, training_data=args.data)
+        training = run.training_record(**{"t range": f"[1, {t_max}]", "ema decay": args.ema_decay})
+        purifier = Purifier(export.eval(), scheduler, t_star=t_star, training_data=args.data,
+                            extra={"training": training})
         purifier.save_pretrained(run.output_dir / "final")
         print(f"exported the EMA denoiser as an unguided purifier to {run.output_dir / 'final'}")
     run.finish()

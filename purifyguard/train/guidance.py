@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from torch import nn
 
 from purifyguard.data import load_dataset
 from purifyguard.hub import create_guidance_network, load_guidance_network, save_guidance_network
+from purifyguard.model_card import network_card
 from purifyguard.train.options import add_common_arguments, parse_with_config
 from purifyguard.train.run import TrainingRun
 
@@ -87,14 +89,14 @@ def trades_loss(
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_with_config(build_parser(), argv)
-    run = TrainingRun(args, "guidance")
+    run = TrainingRun(args, "guidance", argv)
     step_size = args.pgd_step_size or args.eps / 4
     dataset = load_dataset(args.data, args.data_root, train=True)
     model = create_guidance_network(
         args.model, num_classes=args.num_classes, in_chans=args.in_chans,
         pretrained_cfg_overlay=raw_input_config(dataset[0][0].shape), **args.model_kwargs,
     )
-    teacher = load_guidance_network(args.teacher).to(run.device) if args.teacher else None
+    teacher = load_guidance_network(Path(args.teacher)).to(run.device) if args.teacher else None
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9,
                                 weight_decay=args.weight_decay, nesterov=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr,
@@ -141,14 +143,29 @@ def main(argv: list[str] | None = None) -> None:
     accuracy = clean_accuracy(model, args, run.device)
     if run.is_main:
         final = run.output_dir / "final"
-        save_guidance_network(model, final)
-        metrics = {"clean_test_accuracy": accuracy, "test_images": args.eval_images,
-                   "steps": args.steps, "eps": args.eps, "beta": args.beta,
-                   "pgd_steps": args.pgd_steps, "seed": args.seed}
+        architecture, kwargs = save_guidance_network(model, final)
+        metrics = {"clean test accuracy": accuracy, "test images": args.eval_images}
+        training = run.training_record(**_objective(args, step_size))
         (final / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (final / "README.md").write_text(network_card(
+            architecture, kwargs, title=f"{architecture} trained by purifyguard",
+            description=_objective(args, step_size)["objective"], training=training,
+            metrics=metrics,
+        ))
         print(f"clean test accuracy {accuracy:.4f} on {args.eval_images} images; "
               f"exported to {final}")
     run.finish()
+
+
+def _objective(args: argparse.Namespace, step_size: float) -> dict[str, str]:
+    if args.beta == 0 or args.pgd_steps == 0:
+        objective = "Standard training (cross-entropy on clean images)."
+    else:
+        objective = (f"TRADES adversarial training, L-inf eps = {args.eps}, beta = {args.beta}, "
+                     f"{args.pgd_steps} PGD steps of {step_size:g} on the KL term.")
+    if args.teacher:
+        objective += f" Targets: the clean predictions of {args.teacher}."
+    return {"objective": objective}
 
 
 @torch.no_grad()

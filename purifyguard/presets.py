@@ -1,0 +1,51 @@
+"""What ships inside the package: Fashion-MNIST classifiers, purifiers and 512 test images.
+
+Each bundled model is a folder in the Hub layout (see hub.py), ready to push to the Hub as it is;
+its README.md says how it was trained and what it scores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from purifyguard.data import FASHION_MNIST_CLASSES
+from purifyguard.hub import load_guidance_network
+from purifyguard.purifier import Purifier
+from purifyguard.registry import register_purifier
+
+ASSETS = Path(__file__).parent / "assets"
+CLASSIFIERS = {
+    "fashion-mnist-resnet18": "standard training",
+    "fashion-mnist-resnet18-trades": "TRADES adversarial training, L-inf eps = 0.1",
+}
+
+
+def bundled_classifier(name: str = "fashion-mnist-resnet18") -> nn.Module:
+    """A bundled timm classifier (eval mode) taking 1x28x28 images in [0, 1]."""
+    if name not in CLASSIFIERS:
+        raise ValueError(f"no bundled classifier {name!r}; bundled: {sorted(CLASSIFIERS)}")
+    return load_guidance_network(ASSETS / "classifiers" / name)
+
+
+def bundled_test_images() -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """The first 512 Fashion-MNIST test images in [0, 1], (512, 1, 28, 28), their labels and the
+    class names."""
+    tensors = load_file(ASSETS / "fashion-mnist-test-512.safetensors")
+    return tensors["images"].float() / 255, tensors["labels"].long(), FASHION_MNIST_CLASSES
+
+
+def _bundled_purifier(name: str) -> Purifier:
+    return Purifier.from_pretrained(ASSETS / "purifiers" / name)
+
+
+@register_purifier(
+    "fashion-mnist-ddpm", channels=1, resolution=28, default=True,
+    description="unguided DDPM purification (DiffPure-style) with the bundled Fashion-MNIST "
+    "denoiser",
+)
+def _fashion_mnist_ddpm() -> Purifier:
+    return _bundled_purifier("fashion-mnist-ddpm")
