@@ -359,3 +359,35 @@ def test_with_purifier_leaves_the_original_model_alone(purified):
     assert bpda.purifier.config.gradient_mode == "bpda" and bare.purifier is None
     assert purified.purifier.config.gradient_mode == "full"
     assert bpda.classifier is purified.classifier and bare.normalize is purified.normalize
+
+
+DISTRIBUTED_SCRIPT = """
+import json, sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from conftest import make_unet
+from test_evaluation import tiny_classifier, structured_batch, without_timings
+from purifyguard import PurifiedModel, Purifier, evaluate
+model = PurifiedModel(tiny_classifier(), Purifier(make_unet(), t_star=3), mean=(0.5,), std=(0.5,))
+report = evaluate(model, structured_batch(8), ["pgd:steps=1,eot=1"], n=8, batch_size=2, runs=2,
+                  seed=5, output_dir=sys.argv[1], progress=False)
+json.dump({{"processes": report["settings"]["num_processes"],
+            "records": without_timings(report)}}, open(sys.argv[1] + "/check.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_shard_the_batches_and_report_what_one_process_reports(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(DISTRIBUTED_SCRIPT.format(tests=str(Path(__file__).parent)))
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    str(script), str(tmp_path / "two")], check=True, capture_output=True)
+    one = json.loads((tmp_path / "one" / "check.json").read_text())
+    two = json.loads((tmp_path / "two" / "check.json").read_text())
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert two["records"] == one["records"]
+    assert len((tmp_path / "two" / "batches-1.jsonl").read_text().splitlines()) == 4

@@ -10,6 +10,7 @@ gathered before the report is built.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import zlib
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, parse_flag_from_env
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -104,7 +105,7 @@ def evaluate_models(
     if len(set(names)) != len(names) or CLEAN in names:
         raise ValueError(f"attack names must be unique and not {CLEAN!r}, got {names}")
     images, labels = select_examples(data, n)
-    state = PartialState()
+    state = _distributed_state()
     settings = {
         "seed": seed, "n": len(labels), "batch_size": batch_size, "runs": runs,
         "data_fingerprint": fingerprint(images, labels),
@@ -225,6 +226,14 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
         description["nfe"] = purifier.config.nfe
         description["n_samples"] = getattr(model, "n_samples", 1)
     return description
+
+
+def _distributed_state() -> PartialState:
+    """accelerate's process state. Processes launched on a machine without CUDA (torchrun or
+    `accelerate launch --cpu`) must ask for CPU explicitly to be joined into one group."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not torch.cuda.is_available())
+    return PartialState(cpu=cpu)
 
 
 def _undefended_of(model: nn.Module) -> nn.Module | None:
