@@ -38,7 +38,7 @@ def save_grid(
         ("purified", purified, model.classify(purified) if hasattr(model, "classify") else None),
     ]
     rows = len(labels)
-    figure, axes = plt.subplots(rows, 3, figsize=(6, 2 * rows + 0.4), squeeze=False)
+    figure, axes = plt.subplots(rows, 3, figsize=(6, 2.2 * rows + 0.5), squeeze=False)
     for row in range(rows):
         truth = int(labels[row])
         for col, (name, batch, logits) in enumerate(columns):
@@ -48,6 +48,8 @@ def save_grid(
                         vmin=0, vmax=1)
             axis.set_xticks([])
             axis.set_yticks([])
+            if col == 0:
+                axis.set_ylabel(f"label {class_names[truth] if class_names else truth}", fontsize=8)
             text = name if row == 0 else ""
             if logits is not None:
                 predicted = int(logits[row].argmax())

@@ -118,7 +118,8 @@ def evaluate_models(
     started = time.perf_counter()
     for model_name, model in models.items():
         model.to(state.device).eval()
-        bare = undefended.get(model_name) or _undefended_of(model)
+        bare = undefended.get(model_name)
+        bare = _undefended_of(model) if bare is None else bare
         for spec in [None, *specs]:
             state.wait_for_everyone()
             store.load()

@@ -42,10 +42,11 @@ def run_sanity_checks(
     from purifyguard.evaluation.harness import evaluate
 
     base = next((a for a in attacks if a.kind in ("pgd", "bpda")), None) or AttackSpec("pgd")
-    base = base.replace(kind="pgd", step_size=None)  # eps / 4 at every eps of the sweep
+    # Full gradients, step eps / 4 at every eps of the sweep.
+    base = base.replace(kind="pgd", gradient="full", step_size=None)
     images, labels = data[0][:n], data[1][:n]
     large = large_eps or (1.0 if base.norm == "linf" else float(images[0].numel()) ** 0.5)
-    sweep = [0.0, base.eps / 2, base.eps, 2 * base.eps, large]
+    sweep = sorted({0.0, base.eps / 2, base.eps, 2 * base.eps, large})
     more_steps = max(2 * base.steps, 2)
     defended = getattr(model, "purifier", None) is not None
     specs = [
@@ -65,7 +66,7 @@ def run_sanity_checks(
     accuracies = [robust[s.label] for s in specs[: len(sweep)]]
     checks = [
         _eps_monotone(sweep, accuracies, count),
-        _unbounded(large, accuracies[-1]),
+        _unbounded(sweep[-1], accuracies[-1]),
         _more_steps(base.steps, more_steps, robust[f"sanity-eps={base.eps:g}"],
                     robust[f"sanity-steps={more_steps}"], count),
     ]
