@@ -109,7 +109,9 @@ class AttackSpec:
         return {
             "name": self.label, "kind": self.kind, "norm": self.norm, "eps": self.eps,
             "steps": self.steps, "step_size": self.alpha, "eot": 1 if self.kind == "square" else self.eot,
-            "random_start": self.random_start, "gradient_mode": self.gradient_mode,
+            # APGD and Square always start from a random point of their own.
+            "random_start": self.random_start or self.kind in ("autoattack-rand", "square"),
+            "gradient_mode": self.gradient_mode,
             "checkpointing": self.checkpointing,
             "n_queries": self.n_queries if self.kind == "square" else None,
             "reduced": self.reduced,
