@@ -23,7 +23,8 @@ class PurifierConfig:
     """How a purifier noises, denoises and guides.
 
     t_star: purification level, an integer diffusion step in [0, T]; t_star = 0 is the identity.
-    sampler: "ddpm" (t_star ancestral steps) or "ddim" (n_steps steps on a sub-sequence, with eta).
+    sampler: "ddpm" (t_star ancestral steps) or "ddim" (n_steps steps on a sub-sequence, with eta;
+        n_steps None means min(10, t_star)).
     guidance: "none" (DiffPure-style), "pixel" (GDMP-style) or "adversarial" (AGDM).
     guidance_scale: s in  mean <- mean - s_t * grad L;  s_t = s * (1 - abar_t / abar_prev) for the
         "variance" schedule (beta_t for one DDPM step), s_t = s for "constant".
@@ -65,7 +66,12 @@ class PurifierConfig:
         """Denoiser evaluations of one purification."""
         if self.t_star == 0:
             return 0
-        return self.t_star if self.sampler == "ddpm" else int(self.n_steps)
+        return self.t_star if self.sampler == "ddpm" else self.ddim_steps
+
+    @property
+    def ddim_steps(self) -> int:
+        """k, the DDIM steps: n_steps, or min(10, t*) when it is not set."""
+        return min(10, self.t_star) if self.n_steps is None else self.n_steps
 
     def validate(self, num_train_timesteps: int | None = None) -> None:
         """Raise ValueError naming the first setting that is out of range."""
@@ -84,9 +90,7 @@ class PurifierConfig:
                 f"{num_train_timesteps} steps, so t_star must lie in [0, {num_train_timesteps}]"
             )
         if self.sampler == "ddim":
-            if self.n_steps is None:
-                self.n_steps = min(10, self.t_star) if self.t_star else 0
-            _check_steps("n_steps", self.n_steps, self.t_star)
+            _check_steps("n_steps", self.ddim_steps, self.t_star)
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
         if self.guidance_scale < 0:

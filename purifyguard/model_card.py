@@ -104,7 +104,7 @@ def _usage(where: str) -> str:
 
 
 def _settings(config: PurifierConfig) -> dict[str, Any]:
-    steps = config.t_star if config.sampler == "ddpm" else config.n_steps
+    steps = config.nfe
     settings = {
         "input": f"(N, {config.channels}, {config.resolution}, {config.resolution}) in [0, 1]",
         "t* (purification level)": config.t_star,

@@ -134,7 +134,7 @@ class Purifier(PurifierHubMixin, nn.Module):
     ) -> torch.Tensor:
         """Forward-diffuse to t*, then run the sampler's reverse steps down to clean data."""
         target = self.guidance.prepare(x) if self._guided() else None
-        steps = reverse_indices(config.sampler, config.t_star, config.n_steps)
+        steps = reverse_indices(config.sampler, config.t_star, config.ddim_steps)
         x_t = self.schedule.add_noise(2 * x - 1, _randn(x, generator), steps[0][0])
         stochastic = config.sampler == "ddpm" or config.eta > 0
         for index, prev in steps:
@@ -151,7 +151,7 @@ class Purifier(PurifierHubMixin, nn.Module):
 
     def _guided(self) -> bool:
         scale = self.guidance_scale
-        return self.guidance is not None and (float(scale) > 0 or scale.requires_grad)
+        return self.guidance is not None and (float(scale.detach()) > 0 or scale.requires_grad)
 
     def _reverse_step(
         self, x_t: torch.Tensor, noise: torch.Tensor | None, target: dict | None, index: int,
