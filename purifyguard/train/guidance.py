@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher", help="folder of a saved timm classifier whose clean "
                         "predictions become the targets")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--augment", action="store_true",
+                        help="random crops (2-pixel padding) and horizontal flips")
     parser.add_argument("--eval-images", type=int, default=10000,
                         help="test images for the final clean accuracy")
     return parser
@@ -55,6 +57,18 @@ def raw_input_config(image_shape: torch.Size) -> dict:
     channels, height, width = image_shape
     return {"mean": [0.0] * channels, "std": [1.0] * channels,
             "input_size": [channels, height, width]}
+
+
+def augment(images: torch.Tensor, padding: int = 2) -> torch.Tensor:
+    """A random crop of each zero-padded image, flipped left-right half of the time."""
+    n, _, height, width = images.shape
+    padded = F.pad(images, [padding] * 4)
+    rows = torch.randint(0, 2 * padding + 1, (n,)).tolist()
+    cols = torch.randint(0, 2 * padding + 1, (n,)).tolist()
+    crops = torch.stack([padded[i, :, r:r + height, c:c + width]
+                         for i, (r, c) in enumerate(zip(rows, cols))])
+    flip = torch.rand(n, device=images.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
 
 
 def trades_adversary(
@@ -112,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     for step in bar:
         for _ in range(args.grad_accum):
             images, labels = next(batches)
+            if args.augment:
+                images = augment(images)
             if teacher is not None:
                 with torch.no_grad():
                     labels = teacher(images).argmax(1)
