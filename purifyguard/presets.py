@@ -43,7 +43,16 @@ def _bundled_purifier(name: str) -> Purifier:
 
 
 @register_purifier(
-    "fashion-mnist-ddpm", channels=1, resolution=28, default=True,
+    "fashion-mnist-agdm", channels=1, resolution=28, default=True,
+    description="adversarially guided purification (AGDM) with the bundled Fashion-MNIST "
+    "denoiser and TRADES guidance network",
+)
+def _fashion_mnist_agdm() -> Purifier:
+    return _bundled_purifier("fashion-mnist-agdm")
+
+
+@register_purifier(
+    "fashion-mnist-ddpm", channels=1, resolution=28,
     description="unguided DDPM purification (DiffPure-style) with the bundled Fashion-MNIST "
     "denoiser",
 )
