@@ -67,7 +67,7 @@ def training_section(training: dict[str, Any] | None) -> str:
     """How the weights were trained (command, steps, data, seed), or "" when not recorded."""
     if not training:
         return ""
-    rows = {name: f"`{value}`" if name == "command" else _format(value)
+    rows = {name: f"`{value}`" if name.endswith("command") else _format(value)
             for name, value in training.items()}
     return "## How it was trained\n\n" + _table(rows, header=("what", "value"))
 

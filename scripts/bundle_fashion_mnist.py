@@ -11,6 +11,8 @@ harness, see docs/pretrained.md). Classifier folders are copied as the training 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import torch
 import torchattacks
 
 from purifyguard import PurifiedModel, Purifier
-from purifyguard.hub import load_guidance_network
+from purifyguard.hub import guidance_architecture, load_guidance_network
+from purifyguard.model_card import network_card
 from purifyguard.presets import ASSETS, bundled_test_images
 
 PURIFIERS = {
@@ -38,7 +41,6 @@ def main() -> None:
                         "guidance network)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
     images, labels, _ = bundled_test_images()
 
     for name, folder in (("fashion-mnist-resnet18", args.classifier),
@@ -46,24 +48,63 @@ def main() -> None:
         target = ASSETS / "classifiers" / name
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(folder, target, ignore=shutil.ignore_patterns("metrics.json"))
+        if not (target / "README.md").exists():  # runs older than the routine's own card
+            write_classifier_card(Path(folder), target)
         print(f"bundled {target}")
 
     classifier = load_guidance_network(Path(args.classifier))
     undefended = PurifiedModel(classifier, purifier=False)
+    torch.manual_seed(args.seed)
     adversarial = torchattacks.PGD(undefended, eps=0.1, alpha=0.025, steps=20,
                                    random_start=True)(images, labels)
     denoiser = Purifier.from_pretrained(args.diffusion)
     guidance_network = load_guidance_network(Path(args.trades))
     for name, settings in PURIFIERS.items():
         network = guidance_network if settings["guidance"] == "adversarial" else None
+        training = {f"denoiser {k}": v for k, v in training_record(args.diffusion, "diffusion").items()}
+        if network is not None:
+            training.update({f"guidance network {k}": v
+                             for k, v in training_record(args.trades, "guidance").items()})
         purifier = Purifier(denoiser.unet, denoiser.schedule.scheduler_config, network,
-                            denoiser.config.replace(**settings))
+                            denoiser.config.replace(**settings, extra={"training": training}))
+        torch.manual_seed(args.seed)
         metrics = measure(PurifiedModel(classifier, purifier), images, labels, adversarial)
         metrics["classifier"] = "bundled fashion-mnist-resnet18"
         target = ASSETS / "purifiers" / name
         shutil.rmtree(target, ignore_errors=True)
         purifier.save_pretrained(target, metrics=metrics)
         print(f"bundled {target}: {metrics}")
+
+
+def training_record(final: str | Path, routine: str) -> dict[str, object]:
+    """Command, steps, data and seed of the run that exported `final`, from its args.json."""
+    options = json.loads((Path(final).parent / "args.json").read_text())
+    flags = []
+    for name, value in options.items():
+        if value is None or value is False or name == "config":
+            continue
+        flags.append("--" + name.replace("_", "-"))
+        if isinstance(value, list):
+            flags.append(",".join(str(v) for v in value))
+        elif isinstance(value, dict):
+            flags.append(json.dumps(value))
+        elif value is not True:
+            flags.append(str(value))
+    return {"command": shlex.join(["purifyguard", "train", routine, *flags]),
+            "steps": options["steps"], "data": f"{options['data']} (training split)",
+            "seed": options["seed"]}
+
+
+def write_classifier_card(run_final: Path, target: Path) -> None:
+    network = load_guidance_network(run_final)
+    architecture, kwargs = guidance_architecture(network, json.loads(
+        (run_final / "config.json").read_text())["kwargs"])
+    metrics = json.loads((run_final / "metrics.json").read_text())
+    (target / "README.md").write_text(network_card(
+        architecture, kwargs, title=f"{architecture} Fashion-MNIST classifier (purifyguard)",
+        description="Standard training (cross-entropy on clean images).",
+        training=training_record(run_final, "guidance"), metrics=metrics,
+    ))
 
 
 @torch.no_grad()
