@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command in ("evaluate", "compare"):
         evaluation_cli.run(args)
     elif args.command == "list":
-        from purifyguard.registry import registered, list_purifiers
+        from purifyguard.registry import list_purifiers, registered
 
         for name in list_purifiers():
             entry = registered(name)

@@ -91,8 +91,8 @@ def _row(report: dict[str, Any], description: str) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]], eps: float, runs: int, seed: int) -> str:
     lines = [
-        f"Fashion-MNIST test images, L-inf eps = {eps:g}, seed {seed}; purified verdicts are the "
-        f"mean over R = {runs} purifications [95% Wilson interval], worst = right in all R.",
+        (f"Fashion-MNIST test images, L-inf eps = {eps:g}, seed {seed}; purified verdicts are "
+         f"the mean over R = {runs} purifications [95% Wilson interval], worst = right in all R."),
         "",
         "| model | attack | n | clean % | robust % [95% CI] | worst % |",
         "|---|---|---|---|---|---|",

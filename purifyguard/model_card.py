@@ -83,8 +83,8 @@ def network_card(
         f"---\n{yaml}\n---",
         f"# {title}",
         description,
-        "```python\nfrom pathlib import Path\n\nfrom purifyguard.hub import load_guidance_network\n\n"
-        'network = load_guidance_network(Path("path/to/this/folder"))  # images in [0, 1]\n```',
+        ("```python\nfrom pathlib import Path\n\nfrom purifyguard.hub import load_guidance_network\n\n"
+         'network = load_guidance_network(Path("path/to/this/folder"))  # images in [0, 1]\n```'),
         f"## Architecture\n\n`timm.create_model({architecture!r}, {arguments})`",
         training_section(training),
         "## Results\n\n" + (

@@ -15,4 +15,4 @@ def reverse_indices(sampler: str, t_star: int, n_steps: int | None) -> list[tupl
     return ddim_indices(t_star, n_steps)
 
 
-__all__ = ["reverse_indices", "ddpm_indices", "ddpm_step", "ddim_indices", "ddim_step"]
+__all__ = ["ddim_indices", "ddim_step", "ddpm_indices", "ddpm_step", "reverse_indices"]

@@ -9,8 +9,8 @@ The export (output_dir/final) is an unguided purifier in the Hub layout.
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
 
 import torch
 import torch.nn.functional as F
