@@ -94,6 +94,12 @@ def test_loss_gradient_in_bpda_mode_is_the_identity_backward(art, model, images)
     defence = estimator.preprocessing_defences[0]
     x = images.clone().requires_grad_()
     assert defence.estimate_forward(x) is x  # ART's chained path: the identity as well
+    defence.set_params(gradient="full")
+    assert defence.purifier.config.gradient_mode == "full"
+    np.testing.assert_allclose(
+        estimator.loss_gradient(images.numpy(), one_hot(y)),
+        reference_gradient(full, images, y).numpy(), rtol=1e-4, atol=1e-7,
+    )
 
 
 def test_art_pgd_runs_on_the_defended_classifier_within_eps(art, model, images):

@@ -101,8 +101,11 @@ class PurifierDefence(PreprocessorPyTorch):
         return self.forward(x, y)[0]
 
     def _check_params(self) -> None:
-        if getattr(self, "gradient", "full") not in GRADIENTS:
+        """Called by ART's set_params: a changed gradient switches the purifier's mode."""
+        if self.gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
+        if self.purifier.config.gradient_mode != self.gradient:
+            self._purifier = _with_gradient_mode(self._purifier, self.gradient)
 
 
 def art_classifier(
