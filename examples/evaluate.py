@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 import purifyguard
 from purifyguard.evaluation.report import markdown_table
 
@@ -25,7 +23,6 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--full", action="store_true", help="the reference setting (slow)")
 parser.add_argument("--output-dir", default="purifyguard-evaluate")
 args = parser.parse_args()
-torch.set_num_threads(1 if not args.full else torch.get_num_threads())
 
 if args.full:   # docs/evaluation.md: 512 images, 200 steps, EOT 20, R = 5
     n, steps, eot, runs = 512, 200, 20, 5

@@ -1,4 +1,4 @@
-"""Fine-tune with accelerate: a guidance network (TRADES), then adapt a purifier to a classifier.
+"""Fine-tune with accelerate: train a classifier, then adapt a purifier to it.
 
     python examples/fine_tune.py          # tiny setting: a few steps, a tiny network, batch 4
     python examples/fine_tune.py --full   # the setting of docs/training.md (hours on a CPU)
@@ -28,29 +28,29 @@ args = parser.parse_args()
 out = Path(args.output_dir)
 out.mkdir(parents=True, exist_ok=True)
 
-# 1. The guidance network: a timm classifier trained with TRADES. The tiny setting is reduced
-#    to show the mechanics; its network is not robust.
+# 1. The classifier to defend, trained by the `guidance` routine. beta 0 and no PGD is plain
+#    training (how the bundled classifier was trained); beta 6 with pgd_steps 10 is TRADES, which
+#    is how the robust guidance network inside a purifier is trained (docs/training.md).
 guidance = {
     "model": "resnet10t", "model_kwargs": '{"channels": [8, 16, 32, 64]}',
-    "eps": 0.1, "beta": 6, "pgd_steps": 2, "steps": 3, "batch_size": 4,
+    "beta": 0, "pgd_steps": 0, "steps": 3, "batch_size": 4,
     "eval_images": 16, "checkpoint_every": 1000, "log_every": 1,
-    "output_dir": str(out / "guidance"),
+    "output_dir": str(out / "classifier"),
 }
-# 2. Adaptation: the registered purifier's guidance network and scale, trained end to end
-#    against PGD on the purified classifier, for the classifier trained in step 1 (any
-#    classifier exported by the guidance routine works, e.g. `--beta 0 --pgd-steps 0`).
+# 2. Adaptation: the registered purifier's guidance network and guidance scale, trained end to
+#    end against PGD on classifier(purify(x)) for the classifier of step 1.
 adapt = {
     "eps": 0.1, "attack_steps": 1, "train_steps": 2, "steps": 2, "batch_size": 2,
     "checkpoint_every": 1000, "log_every": 1, "output_dir": str(out / "adapted"),
 }
 if args.full:
     guidance.update(model="resnet18", model_kwargs='{"channels": [16, 32, 64, 128]}',
-                    pgd_steps=10, steps=4000, batch_size=128, eval_images=10000)
+                    steps=4000, batch_size=128, eval_images=10000)
     adapt.update(attack_steps=3, steps=500, batch_size=32)
 
 env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 # --purifier and --classifier are required options, which argparse wants on the command line.
-adapt_flags = ["--purifier", "fashion-mnist-agdm", "--classifier", str(out / "guidance" / "final")]
+adapt_flags = ["--purifier", "fashion-mnist-agdm", "--classifier", str(out / "classifier" / "final")]
 for routine, options, flags in [("guidance", guidance, []), ("adapt", adapt, adapt_flags)]:
     config = out / f"{routine}.yaml"
     config.write_text(yaml.safe_dump(options, sort_keys=False))
@@ -62,8 +62,8 @@ for routine, options, flags in [("guidance", guidance, []), ("adapt", adapt, ada
     print("$ accelerate launch -m purifyguard.train", routine, "--config", config, *flags, flush=True)
     subprocess.run(command, check=True, env=env)
 
-metrics = json.loads((out / "guidance" / "final" / "metrics.json").read_text())
-print("guidance network:", metrics)
+metrics = json.loads((out / "classifier" / "final" / "metrics.json").read_text())
+print("classifier:", metrics)
 print("adapted purifier:", out / "adapted" / "final")
 print("load it with purifyguard.Purifier.from_pretrained"
       f"({str(out / 'adapted' / 'final')!r}) or PurifiedModel(classifier, that folder)")
