@@ -391,3 +391,9 @@ def test_two_processes_shard_the_batches_and_report_what_one_process_reports(tmp
     assert (one["processes"], two["processes"]) == (1, 2)
     assert two["records"] == one["records"]
     assert len((tmp_path / "two" / "batches-1.jsonl").read_text().splitlines()) == 4
+
+
+def test_attacks_without_noise_to_average_take_one_eot_sample():
+    assert parse_attack("transfer:eps=0.1,steps=5").eot == 1
+    assert parse_attack("square:eps=0.1").eot == 1
+    assert parse_attack("pgd:eps=0.1,steps=5").eot == 20

@@ -218,3 +218,16 @@ def test_a_run_reads_its_options_from_a_config_file(tmp_path):
     assert (saved["steps"], saved["batch_size"]) == (3, 4)
     assert saved["block_out_channels"] == [8, 16, 16]
     assert [line["step"] for line in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_a_config_file_can_supply_a_required_option(tmp_path):
+    """adapt's --purifier and --classifier are required; a --config file may give them."""
+    from purifyguard.train.adapt import build_parser
+    from purifyguard.train.options import parse_with_config
+
+    config = tmp_path / "adapt.yaml"
+    config.write_text("purifier: fashion-mnist-agdm\nclassifier: some/folder\nsteps: 3\n")
+    args = parse_with_config(build_parser(), ["--config", str(config), "--steps", "5"])
+    assert (args.purifier, args.classifier, args.steps) == ("fashion-mnist-agdm", "some/folder", 5)
+    with pytest.raises(SystemExit):
+        parse_with_config(build_parser(), ["--steps", "5"])

@@ -68,6 +68,8 @@ class AttackSpec:
             raise ValueError(f"attack {self.label}: need eps >= 0, steps >= 0, eot >= 1, queries >= 1")
         if self.name is None:
             self.name = self.kind
+        if self.kind in ("transfer", "square"):
+            self.eot = 1  # the undefended classifier and a query attack draw no noise to average
 
     @property
     def label(self) -> str:

@@ -31,7 +31,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse flags; a --config file supplies defaults that explicit flags override."""
-    first, _ = parser.parse_known_args(argv)
+    config_only = argparse.ArgumentParser(add_help=False)
+    config_only.add_argument("--config")
+    first, _ = config_only.parse_known_args(argv)
     if first.config:
         values = load_config_file(first.config)
         known = {action.dest for action in parser._actions}
@@ -39,6 +41,9 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -
         if unknown:
             parser.error(f"unknown options in {first.config}: {unknown}")
         parser.set_defaults(**values)
+        for action in parser._actions:  # a required option the file supplies is supplied
+            if action.dest in values:
+                action.required = False
     return parser.parse_args(argv)
 
 
