@@ -1,0 +1,203 @@
+"""The Fashion-MNIST head-to-head: six defences, the same images, attacks and seeds (METHOD.md
+section 5), and docs/benchmarks.md written from the result.
+
+    python benchmarks/fashion_mnist.py                  # reference attacks on a GPU, reduced on CPU
+    python benchmarks/fashion_mnist.py --n 128 --pgd-steps 5 --aa-steps 2 --bpda-steps 10
+    python benchmarks/fashion_mnist.py --from-json runs/benchmark-fashion-mnist/benchmark.json
+
+Defences, all in front of the bundled classifier (fashion-mnist-resnet18) except the second:
+undefended; TRADES adversarial training (fashion-mnist-resnet18-trades); DiffPure-style (the
+bundled purifier with guidance "none"); GDMP-style (guidance "pixel"); ours (fashion-mnist-agdm,
+adversarial guidance); ours adapted (fashion-mnist-agdm-adapted, from `purifyguard train adapt`);
+on a GPU also ours at t* NFE (the DDPM sampler instead of 10 DDIM steps).
+Attacks, L-inf eps 0.1: PGD-EOT with full gradients (the primary), AutoAttack-rand and BPDA+EOT.
+On a GPU their defaults are the protocol's reference (200 steps x EOT 20; APGD 100 x EOT 20);
+on a CPU they default to a setting that fits in about an hour, which every report marks
+"reduced". Cost: NFE per purification and images/s of one defended forward pass (purify and
+classify, no gradient) on the machine that ran the benchmark.
+
+The run stores each finished batch (output-dir/batches) and skips it when repeated, so an
+interrupted run goes on where it stopped. benchmark.json holds the harness's report plus the
+costs, the command and the hardware; --from-json rewrites the Markdown page from it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from purifyguard import PurifiedModel, bundled_classifier, bundled_test_images
+from purifyguard.data import load_dataset
+from purifyguard.evaluation import evaluate_models
+from purifyguard.evaluation.attacks import AttackSpec
+from purifyguard.registry import load_purifier
+
+DEFENCES = {  # name: what it is, as the page says it
+    "undefended": "the bundled classifier alone",
+    "trades": "TRADES adversarially trained classifier (L-inf 0.1), no purifier",
+    "diffpure": "DiffPure-style: noise to t*, denoise without guidance",
+    "gdmp": "GDMP-style: guidance toward the input in pixel space (MSE)",
+    "ours": "adversarial guidance in the TRADES network's latent space (fashion-mnist-agdm)",
+    "ours-adapted": "the same, fine-tuned to the classifier by `purifyguard train adapt`",
+    "ours-full-nfe": "ours with the DDPM sampler: one reverse step per noise level (NFE = t*)",
+}
+CPU_DEFAULT = [name for name in DEFENCES if name != "ours-full-nfe"]  # 30x the cost of ours
+PRIMARY = "pgd-eot"
+EPS = 0.1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=512, help="test images (the first n)")
+    parser.add_argument("--data-root", help="a Fashion-MNIST folder; default: the 512 bundled "
+                        "test images (enough for n <= 512)")
+    parser.add_argument("--runs", type=int, default=5, help="R purifications per verdict")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    reference = torch.cuda.is_available()
+    attacks = parser.add_argument_group("attacks (defaults: reference on a GPU, reduced on CPU)")
+    attacks.add_argument("--pgd-steps", type=int, default=200 if reference else 5)
+    attacks.add_argument("--aa-steps", type=int, default=100 if reference else 2,
+                         help="APGD iterations per loss of AutoAttack-rand")
+    attacks.add_argument("--bpda-steps", type=int, default=200 if reference else 10)
+    attacks.add_argument("--eot", type=int, default=20 if reference else 1,
+                         help="gradient samples per iteration, every attack")
+    parser.add_argument("--pixel-scale", type=float, default=1.0,
+                        help="guidance scale of the GDMP-style (pixel) defence")
+    parser.add_argument("--adapted", default="fashion-mnist-agdm-adapted",
+                        help="registered name, folder or Hub id of the adapted purifier")
+    parser.add_argument("--defences", nargs="+", choices=list(DEFENCES),
+                        default=list(DEFENCES) if reference else CPU_DEFAULT)
+    parser.add_argument("--sanity", action="store_true", help="also run the sanity checks")
+    parser.add_argument("--sanity-n", type=int, default=16)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--output-dir", default="runs/benchmark-fashion-mnist")
+    parser.add_argument("--docs", default="docs/benchmarks.md", help="the page to write")
+    parser.add_argument("--from-json", metavar="BENCHMARK_JSON",
+                        help="only rewrite the page from an earlier run's benchmark.json")
+    return parser
+
+
+def attack_specs(args: argparse.Namespace) -> list[AttackSpec]:
+    return [
+        AttackSpec("pgd", name=PRIMARY, eps=EPS, steps=args.pgd_steps, eot=args.eot),
+        AttackSpec("autoattack-rand", name="autoattack-rand", eps=EPS, steps=args.aa_steps,
+                   eot=args.eot),
+        AttackSpec("bpda", name="bpda-eot", eps=EPS, steps=args.bpda_steps, eot=args.eot),
+    ]
+
+
+def build_defences(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    classifier = bundled_classifier()
+    ours = load_purifier("fashion-mnist-agdm")
+    purifiers = {
+        "diffpure": lambda: ours.with_settings(guidance="none"),
+        "gdmp": lambda: ours.with_settings(guidance="pixel", guidance_scale=args.pixel_scale),
+        "ours": lambda: ours,
+        "ours-adapted": lambda: load_purifier(args.adapted),
+        "ours-full-nfe": lambda: ours.with_settings(sampler="ddpm"),
+    }
+    defences = {}
+    for name in args.defences:
+        if name == "undefended":
+            defences[name] = PurifiedModel(classifier, purifier=False)
+        elif name == "trades":
+            defences[name] = PurifiedModel(bundled_classifier("fashion-mnist-resnet18-trades"),
+                                           purifier=False)
+        else:
+            try:
+                defences[name] = PurifiedModel(classifier, purifiers[name]())
+            except (ValueError, OSError) as error:
+                print(f"leaving out {name}: {error}", file=sys.stderr)
+    return defences
+
+
+def test_images(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    if args.data_root is None:
+        images, labels, _ = bundled_test_images()
+        if args.n > len(labels):
+            raise SystemExit(f"--n {args.n}: only {len(labels)} images are bundled; "
+                             "pass --data-root with the Fashion-MNIST test set")
+        return images, labels
+    dataset = load_dataset("fashion-mnist", args.data_root, train=False)
+    pairs = [dataset[i] for i in range(min(args.n, len(dataset)))]
+    return torch.stack([p[0] for p in pairs]), torch.tensor([int(p[1]) for p in pairs])
+
+
+@torch.no_grad()
+def images_per_second(model: torch.nn.Module, images: torch.Tensor, repeats: int = 2) -> float:
+    """Throughput of one defended forward pass (purify and classify), after a warm-up batch."""
+    model(images[:8])
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model(images)
+    return repeats * len(images) / (time.perf_counter() - start)
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}"
+    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+            f"torch threads, torch {torch.__version__}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    images, labels = test_images(args)
+    defences = build_defences(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    costs = {}
+    for name, model in defences.items():
+        model.to(device).eval()
+        purifier = model.purifier
+        costs[name] = {
+            "nfe": 0 if purifier is None else purifier.config.nfe,
+            "images_per_s": images_per_second(model, images[:args.batch_size].to(device)),
+        }
+        print(f"{name}: NFE {costs[name]['nfe']}, {costs[name]['images_per_s']:.2f} images/s")
+    started = time.perf_counter()
+    report = evaluate_models(
+        defences, (images, labels), attack_specs(args), n=args.n, batch_size=args.batch_size,
+        runs=args.runs, seed=args.seed, output_dir=args.output_dir, sanity=args.sanity,
+        sanity_n=args.sanity_n,
+    )
+    return {
+        "command": "python benchmarks/fashion_mnist.py " + shlex.join(sys.argv[1:]),
+        "hardware": hardware(),
+        "date": time.strftime("%Y-%m-%d"),
+        "wall_seconds": time.perf_counter() - started,
+        "costs": costs,
+        "descriptions": {name: DEFENCES[name] for name in defences},
+        "report": report,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.from_json:
+        benchmark = json.loads(Path(args.from_json).read_text())
+    else:
+        benchmark = run(args)
+        path = Path(args.output_dir) / "benchmark.json"
+        path.write_text(json.dumps(benchmark, indent=2) + "\n")
+        print(f"wrote {path}")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from benchmark_page import benchmark_page
+
+    page = benchmark_page(benchmark)
+    Path(args.docs).write_text(page)
+    print(page)
+    print(f"wrote {args.docs}")
+
+
+if __name__ == "__main__":
+    main()

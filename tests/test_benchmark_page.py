@@ -1,0 +1,90 @@
+"""docs/benchmarks.md is generated from the benchmark's JSON: the targets are judged from the
+figures, reduced settings are said so, and the published page is exactly what its JSON gives."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from benchmark_page import benchmark_page
+from fashion_mnist import main as benchmark_main
+
+PUBLISHED_JSON = ROOT / "benchmarks" / "results" / "fashion_mnist.json"
+
+
+def accuracy(mean: float, n: int = 100) -> dict:
+    return {"n": n, "per_run": [mean], "mean": mean, "worst_case": mean - 0.05,
+            "ci95_mean": [mean - 0.1, mean + 0.1], "ci95_worst_case": [mean - 0.15, mean]}
+
+
+def record(model: str, attack: str, clean: float, robust: float, reduced: bool = True) -> dict:
+    kind = {"pgd-eot": "pgd", "bpda-eot": "bpda"}[attack]
+    return {
+        "model": model, "n": 100, "seed": 0, "runs": 5, "seconds": 1.0, "sanity": "not run",
+        "attack": {"name": attack, "kind": kind, "norm": "linf", "eps": 0.1, "steps": 5,
+                   "step_size": 0.025, "eot": 1, "random_start": True,
+                   "gradient_mode": "bpda" if kind == "bpda" else "full",
+                   "checkpointing": False, "n_queries": None, "reduced": reduced},
+        "clean_accuracy": accuracy(clean), "robust_accuracy": accuracy(robust),
+        "perturbation": {"norm": "linf", "max": 0.1, "mean": 0.09, "within_eps": True},
+    }
+
+
+def synthetic_benchmark(ours_robust: float, ours_clean: float, reduced: bool = True) -> dict:
+    """Made-up figures: only the page's logic is under test here."""
+    figures = {"undefended": (0.92, 0.05), "diffpure": (0.85, 0.55), "ours": (ours_clean, ours_robust)}
+    records = [record(model, attack, clean, robust + (0.02 if attack == "bpda-eot" else 0), reduced)
+               for model, (clean, robust) in figures.items() for attack in ("pgd-eot", "bpda-eot")]
+    return {
+        "command": "python benchmarks/fashion_mnist.py --n 100", "hardware": "CPU test",
+        "date": "2026-11-24", "wall_seconds": 60.0,
+        "costs": {name: {"nfe": 0 if name == "undefended" else 10, "images_per_s": 3.0}
+                  for name in figures},
+        "descriptions": {name: name for name in figures},
+        "report": {"purifyguard_version": "0", "sanity": None, "records": records,
+                   "settings": {"seed": 0, "n": 100, "batch_size": 50, "runs": 5,
+                                "data_fingerprint": "x", "num_processes": 1, "device": "cpu",
+                                "seconds": 60.0}},
+    }
+
+
+def test_targets_are_judged_from_the_figures() -> None:
+    met = benchmark_page(synthetic_benchmark(ours_robust=0.62, ours_clean=0.90))
+    assert "ours >= 5 points over DiffPure-style: met (+7.0 points)" in met
+    assert "clean accuracy within 3 points of the undefended classifier: met (2.0 points below)" in met
+    assert "ours beats every other defence under pgd-eot: met" in met
+
+    missed = benchmark_page(synthetic_benchmark(ours_robust=0.57, ours_clean=0.85))
+    assert "over DiffPure-style: missed (+2.0 points)" in missed
+    assert "undefended classifier: missed (7.0 points below)" in missed
+    assert "t* NFE: not measured" in missed
+
+
+def test_reduced_settings_are_labelled_and_reference_ones_are_not() -> None:
+    reduced = benchmark_page(synthetic_benchmark(0.6, 0.9, reduced=True))
+    reference = benchmark_page(synthetic_benchmark(0.6, 0.9, reduced=False))
+    assert "**Reduced setting.**" in reduced and "**reduced**" in reduced
+    assert "Reduced setting" not in reference and "| reference |" in reference
+    # Every figure in the results table comes from the records: ours under PGD is 60.0 [50.0, 70.0].
+    assert "| ours | 10 | 3.00 | 90.0 | 60.0 [50.0, 70.0] | 62.0 [52.0, 72.0] | 55.0 |" in reduced
+
+
+def test_from_json_rewrites_the_page(tmp_path: Path) -> None:
+    source = tmp_path / "benchmark.json"
+    source.write_text(json.dumps(synthetic_benchmark(0.6, 0.9)))
+    page = tmp_path / "benchmarks.md"
+    benchmark_main(["--from-json", str(source), "--docs", str(page)])
+    assert page.read_text() == benchmark_page(synthetic_benchmark(0.6, 0.9))
+
+
+def test_published_page_is_generated_from_its_json() -> None:
+    if not PUBLISHED_JSON.exists():
+        pytest.skip("no published benchmark yet")
+    published = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert published == benchmark_page(json.loads(PUBLISHED_JSON.read_text()))
