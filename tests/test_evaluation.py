@@ -314,6 +314,15 @@ def test_compare_runs_every_defence_on_the_same_examples(purified):
     assert report["models"]["undefended"]["defended"] is False
 
 
+def test_compare_sets_the_scale_of_each_guidance_mode(purified):
+    own_scale = purified.purifier.config.guidance_scale
+    defences = build_defences(purified, scales={"pixel": 0.5})
+    assert defences["purifier-pixel"].purifier.config.guidance_scale == 0.5
+    assert defences["purifier-adversarial"].purifier.config.guidance_scale == own_scale
+    with pytest.raises(ValueError, match="unknown guidance modes"):
+        build_defences(purified, scales={"pixels": 0.5})
+
+
 def test_command_line_evaluates_a_timm_checkpoint(tmp_path, fashion_test):
     import timm
     from safetensors.torch import save_file

@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "evaluate") ->
         extra.add_argument("--robust-checkpoint", help="its weights (.safetensors)")
         extra.add_argument("--guidance", nargs="+", default=list(GUIDANCE_VARIANTS),
                            choices=GUIDANCE_VARIANTS, help="purifier variants to compare")
+        extra.add_argument("--guidance-scale", action="append", default=[], metavar="MODE=S",
+                           help="scale of one variant, e.g. pixel=1 (default: the purifier's "
+                           "own scale, which suits only its own mode)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             robust = _purified_model(args, _classifier(
                 args.robust_classifier, args.robust_checkpoint, False, in_chans, num_classes
             ), purifier=False)
-        report = compare(build_defences(model, robust, args.guidance), dataset, attacks,
+        scales = {mode: float(scale) for mode, scale in _settings(args.guidance_scale).items()}
+        report = compare(build_defences(model, robust, args.guidance, scales), dataset, attacks,
                          **settings)
     print(markdown_table(report))
     return report

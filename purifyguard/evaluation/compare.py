@@ -19,15 +19,21 @@ GUIDANCE_VARIANTS = ("none", "pixel", "adversarial")
 
 def build_defences(
     model: PurifiedModel, adversarially_trained: nn.Module | None = None,
-    guidance: Sequence[str] = GUIDANCE_VARIANTS,
+    guidance: Sequence[str] = GUIDANCE_VARIANTS, scales: dict[str, float] | None = None,
 ) -> dict[str, nn.Module]:
     """The protocol's line-up from one PurifiedModel: its undefended classifier, an
     adversarially trained classifier (if given), and its purifier with each guidance mode.
 
-    The guidance variants share the purifier's networks and settings (scale included); a mode
-    the purifier cannot run (adversarial guidance without a guidance network) is left out with a
-    warning.
+    The guidance variants share the purifier's networks and settings. A pixel-space and a
+    feature-space distance need very different scales, so `scales` sets the scale of a mode
+    (e.g. {"pixel": 1.0}); a mode not in it keeps the purifier's own scale. A mode the purifier
+    cannot run (adversarial guidance without a guidance network) is left out with a warning.
     """
+    scales = scales or {}
+    unknown = set(scales) - set(GUIDANCE_VARIANTS)
+    if unknown:
+        raise ValueError(f"scales for unknown guidance modes {sorted(unknown)}; "
+                         f"known: {GUIDANCE_VARIANTS}")
     if model.purifier is None:
         raise ValueError("build_defences needs a PurifiedModel with a purifier")
     defences: dict[str, nn.Module] = {"undefended": model.with_purifier(None)}
@@ -35,7 +41,10 @@ def build_defences(
         defences["adversarially-trained"] = adversarially_trained
     for mode in guidance:
         try:
-            purifier = model.purifier.with_settings(guidance=mode)
+            changes = {"guidance": mode}
+            if mode in scales:
+                changes["guidance_scale"] = scales[mode]
+            purifier = model.purifier.with_settings(**changes)
         except ValueError as error:
             logger.warning("compare: leaving out the %r guidance purifier: %s", mode, error)
             continue
