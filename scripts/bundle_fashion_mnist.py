@@ -1,7 +1,8 @@
 """Assemble the bundled Fashion-MNIST models (purifyguard/assets) from finished training runs.
 
     python scripts/bundle_fashion_mnist.py --diffusion runs/fmnist-diffusion/final \
-        --classifier runs/fmnist-classifier/final --trades runs/fmnist-trades/final
+        --classifier runs/fmnist-classifier/final --trades runs/fmnist-trades/final \
+        [--adapted runs/fmnist-adapt/final]
 
 Each purifier is saved in the Hub layout with its settings and the clean and transfer accuracy
 measured here on the 512 bundled test images (the adaptive figures come from the evaluation
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--classifier", required=True, help="standard classifier's final/")
     parser.add_argument("--trades", required=True, help="TRADES classifier's final/ (also the "
                         "guidance network)")
+    parser.add_argument("--adapted", help="adapt routine's final/ folder: the AGDM purifier "
+                        "adapted to --classifier (bundled as fashion-mnist-agdm-adapted)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     images, labels, _ = bundled_test_images()
@@ -73,6 +76,16 @@ def main() -> None:
         target = ASSETS / "purifiers" / name
         shutil.rmtree(target, ignore_errors=True)
         purifier.save_pretrained(target, metrics=metrics)
+        print(f"bundled {target}: {metrics}")
+
+    if args.adapted:
+        adapted = Purifier.from_pretrained(args.adapted)
+        torch.manual_seed(args.seed)
+        metrics = measure(PurifiedModel(classifier, adapted), images, labels, adversarial)
+        metrics["classifier"] = "bundled fashion-mnist-resnet18"
+        target = ASSETS / "purifiers" / "fashion-mnist-agdm-adapted"
+        shutil.rmtree(target, ignore_errors=True)
+        adapted.save_pretrained(target, metrics=metrics)
         print(f"bundled {target}: {metrics}")
 
 
