@@ -53,6 +53,8 @@ def model_card(
         ),
         "## Training data\n\n" + (config.training_data or "Not recorded."),
         training_section(config.extra.get("training")),
+        training_section(config.extra.get("adaptation"),
+                         "How it was adapted to a classifier (`purifyguard train adapt`)"),
         "## Evaluation protocol\n\n" + EVALUATION_PROTOCOL,
         "## Results\n\n" + (
             _table({name: _format(value) for name, value in metrics.items()},
@@ -63,13 +65,13 @@ def model_card(
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
-def training_section(training: dict[str, Any] | None) -> str:
+def training_section(training: dict[str, Any] | None, title: str = "How it was trained") -> str:
     """How the weights were trained (command, steps, data, seed), or "" when not recorded."""
     if not training:
         return ""
     rows = {name: f"`{value}`" if name.endswith("command") else _format(value)
             for name, value in training.items()}
-    return "## How it was trained\n\n" + _table(rows, header=("what", "value"))
+    return f"## {title}\n\n" + _table(rows, header=("what", "value"))
 
 
 def network_card(

@@ -58,3 +58,12 @@ def _fashion_mnist_agdm() -> Purifier:
 )
 def _fashion_mnist_ddpm() -> Purifier:
     return _bundled_purifier("fashion-mnist-ddpm")
+
+
+@register_purifier(
+    "fashion-mnist-agdm-adapted", channels=1, resolution=28,
+    description="fashion-mnist-agdm with its guidance network and scale fine-tuned to the "
+    "bundled classifier (purifyguard train adapt)",
+)
+def _fashion_mnist_agdm_adapted() -> Purifier:
+    return _bundled_purifier("fashion-mnist-agdm-adapted")

@@ -9,6 +9,7 @@ import torchattacks
 
 from purifyguard import PurifiedModel, bundled_classifier, bundled_test_images
 from purifyguard.cli import main
+from purifyguard.registry import load_purifier
 
 
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -53,3 +54,16 @@ def test_the_demo_prints_a_labelled_table_and_writes_the_picture(tmp_path, capsy
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     for part in ("undefended", "transfer", "adaptive"):
         assert (tmp_path / part / "report.json").exists()
+
+
+def test_the_adapted_purifier_changed_only_its_guidance():
+    """`purifyguard train adapt` fine-tunes the guidance network and scale; the denoiser stays."""
+    base = load_purifier("fashion-mnist-agdm")
+    adapted = load_purifier("fashion-mnist-agdm-adapted")
+    assert "command" in adapted.config.extra["adaptation"]
+    for name, weight in base.unet.state_dict().items():
+        assert torch.equal(weight, adapted.unet.state_dict()[name]), name
+    changed = [name for name, weight in base.guidance_network.state_dict().items()
+               if not torch.equal(weight, adapted.guidance_network.state_dict()[name])]
+    assert changed
+    assert adapted.config.guidance_scale != base.config.guidance_scale

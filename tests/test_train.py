@@ -176,6 +176,8 @@ def test_adapt_trains_the_guidance_network_and_exports_an_adapted_purifier(
     # The defended settings are kept, not the few-step training process.
     assert (after.config.sampler, after.config.n_steps) == ("ddim", 4)
     assert after.config.extra["adaptation"]["eps"] == 0.1
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "## How it was adapted to a classifier" in card and "train adapt" in card
     assert after.config.training_data == "fashion-mnist"
     changed = [
         name for name, value in after.guidance_network.state_dict().items()
