@@ -35,9 +35,10 @@ def records_by_model(report: dict[str, Any]) -> dict[str, dict[str, dict]]:
 
 def settings_section(benchmark: dict[str, Any]) -> list[str]:
     settings = benchmark["report"]["settings"]
-    minutes = benchmark["wall_seconds"] / 60
+    minutes = sum(r["seconds"] for r in benchmark["report"]["records"]) / 60
     hardware = (f"- Hardware: {benchmark['hardware']}; {settings['num_processes']} process(es); "
-                f"evaluation wall time {minutes:.0f} min; run on {benchmark['date']}")
+                f"{minutes:.0f} min of attack batches (summed over processes and resumed runs); "
+                f"run on {benchmark['date']}")
     data = (f"- Data: the first {settings['n']} Fashion-MNIST test images "
             f"(fingerprint {settings['data_fingerprint']}); seed {settings['seed']}; "
             f"R = {settings['runs']} independent purifications per verdict")
