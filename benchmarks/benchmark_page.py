@@ -99,6 +99,12 @@ def targets_section(benchmark: dict[str, Any]) -> list[str]:
     def clean(model: str) -> float | None:
         return 100 * table[model][PRIMARY]["clean_accuracy"]["mean"] if model in table else None
 
+    def noise(model: str) -> str:
+        """How far two accuracies on these n examples may differ by chance (95%)."""
+        robust_accuracy = table[model][PRIMARY]["robust_accuracy"]
+        tolerance = difference_tolerance(robust_accuracy["mean"], robust_accuracy["n"])
+        return f"noise at n = {robust_accuracy['n']}: +-{100 * tolerance:.1f}"
+
     lines = []
     for ours in (name for name in OURS if name in table):
         others = {name: robust(name) for name in table if name not in OURS}
@@ -107,13 +113,13 @@ def targets_section(benchmark: dict[str, Any]) -> list[str]:
         lines.append(
             f"- {ours} beats every other defence under {PRIMARY}: "
             f"{'met' if margin > 0 else 'missed'} ({robust(ours):.1f} vs {best_other} "
-            f"{others[best_other]:.1f}, {margin:+.1f} points)."
+            f"{others[best_other]:.1f}, {margin:+.1f} points; {noise(ours)})."
         )
         if "diffpure" in table:
             margin = robust(ours) - robust("diffpure")
             verdict = "met" if margin >= TARGET_MARGIN_OVER_DIFFPURE else "missed"
             lines.append(f"- {ours} >= {TARGET_MARGIN_OVER_DIFFPURE:g} points over DiffPure-style: "
-                         f"{verdict} ({margin:+.1f} points).")
+                         f"{verdict} ({margin:+.1f} points; {noise(ours)}).")
         if "undefended" in table:
             gap = clean("undefended") - clean(ours)
             verdict = "met" if gap <= TARGET_CLEAN_GAP else "missed"
@@ -195,7 +201,9 @@ def benchmark_page(benchmark: dict[str, Any]) -> str:
     ]
     if reduced:
         lines += [REDUCED_NOTE, ""]
-    lines += ["## Setting", "", *settings_section(benchmark), "", *attacks_section(report), "",
+    notes = [f"- {note}" for note in benchmark.get("notes", [])]
+    lines += ["## Setting", "", *settings_section(benchmark), *notes, "",
+              *attacks_section(report), "",
               "## Results", "", *results_section(benchmark), "",
               "## Targets", "", *targets_section(benchmark), "",
               "## Sanity checks", "", *sanity_section(report), "", FOOTER, ""]

@@ -3,7 +3,9 @@ section 5), and docs/benchmarks.md written from the result.
 
     python benchmarks/fashion_mnist.py                  # reference attacks on a GPU, reduced on CPU
     python benchmarks/fashion_mnist.py --n 128 --pgd-steps 5 --aa-steps 2 --bpda-steps 10
-    python benchmarks/fashion_mnist.py --from-json runs/benchmark-fashion-mnist/benchmark.json
+    python benchmarks/fashion_mnist.py --from-json benchmarks/results/fashion_mnist.json
+
+benchmarks/results/fashion_mnist.json is the published run behind docs/benchmarks.md.
 
 Defences, all in front of the bundled classifier (fashion-mnist-resnet18) except the second:
 undefended; TRADES adversarial training (fashion-mnist-resnet18-trades); DiffPure-style (the

@@ -56,12 +56,12 @@ def synthetic_benchmark(ours_robust: float, ours_clean: float, reduced: bool = T
 
 def test_targets_are_judged_from_the_figures() -> None:
     met = benchmark_page(synthetic_benchmark(ours_robust=0.62, ours_clean=0.90))
-    assert "ours >= 5 points over DiffPure-style: met (+7.0 points)" in met
+    assert "ours >= 5 points over DiffPure-style: met (+7.0 points; noise at n = 100" in met
     assert "clean accuracy within 3 points of the undefended classifier: met (2.0 points below)" in met
     assert "ours beats every other defence under pgd-eot: met" in met
 
     missed = benchmark_page(synthetic_benchmark(ours_robust=0.57, ours_clean=0.85))
-    assert "over DiffPure-style: missed (+2.0 points)" in missed
+    assert "over DiffPure-style: missed (+2.0 points;" in missed
     assert "undefended classifier: missed (7.0 points below)" in missed
     assert "t* NFE: not measured" in missed
 
