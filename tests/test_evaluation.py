@@ -253,6 +253,26 @@ def test_a_resumed_folder_refuses_other_settings(purified, tmp_path):
                  output_dir=tmp_path, progress=False)
 
 
+def test_a_changed_model_is_never_answered_from_stored_batches(purified, tmp_path, monkeypatch):
+    """Retrained weights or other purifier settings under the same name run again."""
+    data = structured_batch(4)
+    settings = {"n": 4, "batch_size": 4, "runs": 1, "output_dir": tmp_path, "progress": False}
+    evaluate(purified, data, ["transfer:steps=1,eot=1"], **settings)
+    calls = []
+    real_run_attack = harness.run_attack
+    monkeypatch.setattr(harness, "run_attack",
+                        lambda spec, *args: calls.append(spec.label) or real_run_attack(spec, *args))
+    evaluate(purified, data, ["transfer:steps=1,eot=1"], **settings)
+    assert calls == []
+    with torch.no_grad():
+        next(purified.classifier.parameters()).add_(0.01)
+    evaluate(purified, data, ["transfer:steps=1,eot=1"], **settings)
+    assert calls == ["transfer"]
+    rescaled = purified.with_purifier(purified.purifier.with_settings(t_star=2))
+    evaluate(rescaled, data, ["transfer:steps=1,eot=1"], **settings)
+    assert calls == ["transfer", "transfer"]
+
+
 def test_the_json_report_follows_the_documented_schema(purified, tmp_path):
     evaluate(
         purified, structured_batch(6), ["pgd:steps=1,eot=2", "square:n_queries=5",

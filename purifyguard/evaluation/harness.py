@@ -9,6 +9,7 @@ gathered before the report is built.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -164,7 +165,9 @@ def _run_batches(
     batch_size, seed, runs = settings["batch_size"], settings["seed"], settings["runs"]
     attack_name = CLEAN if spec is None else spec.label
     n_batches = -(-len(labels) // batch_size)
-    pending = [b for b in range(n_batches) if batch_key(model_name, spec, b) not in store]
+    version = model_version(model)
+    pending = [b for b in range(n_batches)
+               if batch_key(model_name, spec, b, version) not in store]
     attacker = None if spec is None else attacked_model(spec, model, bare)
     finished = []
     with state.split_between_processes(pending) as mine:
@@ -177,7 +180,7 @@ def _run_batches(
             rows = slice(batch * batch_size, (batch + 1) * batch_size)
             x, y = images[rows].to(state.device), labels[rows].to(state.device)
             record = {
-                "key": batch_key(model_name, spec, batch), "model": model_name,
+                "key": batch_key(model_name, spec, batch, version), "model": model_name,
                 "attack": attack_name, "batch": batch, "indices": [rows.start, rows.start + len(y)],
                 "labels": y.tolist(),
             }
@@ -214,6 +217,16 @@ def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     return f"{_crc(data):08x}-{_crc(labels.cpu().numpy().tobytes()):08x}"
 
 
+def model_version(model: nn.Module) -> str:
+    """A checksum of the model's weights and settings: batches stored for an earlier version of a
+    model (retrained, or with other purifier settings) are never taken for this one's."""
+    checksum = _crc(json.dumps(_settings_of(model), sort_keys=True, default=str))
+    for name, tensor in model.state_dict().items():
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        checksum = zlib.crc32(raw, zlib.crc32(name.encode(), checksum))
+    return f"{checksum:08x}"
+
+
 def describe_model(model: nn.Module) -> dict[str, Any]:
     """What the report says about a model: its classifier and, if any, its purifier's settings."""
     purifier = getattr(model, "purifier", None)
@@ -222,11 +235,17 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
         "classifier": type(classifier).__name__,
         "defended": purifier is not None if hasattr(model, "purifier") else None,
     }
-    if purifier is not None:
-        description["purifier"] = purifier.current_config().to_dict()
-        description["nfe"] = purifier.config.nfe
-        description["n_samples"] = getattr(model, "n_samples", 1)
+    description.update(_settings_of(model))
+    description["version"] = model_version(model)
     return description
+
+
+def _settings_of(model: nn.Module) -> dict[str, Any]:
+    purifier = getattr(model, "purifier", None)
+    if purifier is None:
+        return {}
+    return {"purifier": purifier.current_config().to_dict(), "nfe": purifier.config.nfe,
+            "n_samples": getattr(model, "n_samples", 1)}
 
 
 def _distributed_state() -> PartialState:

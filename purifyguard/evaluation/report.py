@@ -59,13 +59,14 @@ def build_report(
     n_batches = -(-settings["n"] // settings["batch_size"])
     rows = []
     for model_name in models:
-        clean = _batches(records, model_name, None, n_batches)
+        version = models[model_name].get("version", "")
+        clean = _batches(records, model_name, None, n_batches, version)
         labels = torch.tensor([y for r in clean for y in r["labels"]])
         clean_correct = _predictions(clean) == labels
         failed = [c["check"] for c in (sanity or {}).get(model_name, []) if not c["passed"]]
         verdict = "not run" if sanity is None else ("failed: " + ", ".join(failed) if failed else "passed")
         for spec in specs:
-            attacked = _batches(records, model_name, spec, n_batches)
+            attacked = _batches(records, model_name, spec, n_batches, version)
             robust = clean_correct & (_predictions(attacked) == labels)
             sizes = torch.tensor([s for r in attacked for s in r["perturbation"]])
             rows.append({
@@ -92,8 +93,9 @@ def build_report(
     }
 
 
-def _batches(records: dict, model_name: str, spec: AttackSpec | None, n_batches: int) -> list:
-    keys = [batch_key(model_name, spec, b) for b in range(n_batches)]
+def _batches(records: dict, model_name: str, spec: AttackSpec | None, n_batches: int,
+             version: str) -> list:
+    keys = [batch_key(model_name, spec, b, version) for b in range(n_batches)]
     missing = [k for k in keys if k not in records]
     if missing:
         raise RuntimeError(f"batches never finished: {missing[:3]} ({len(missing)} in all)")

@@ -20,12 +20,14 @@ RUN_FILE = "run.json"
 CLEAN = "clean"
 
 
-def batch_key(model_name: str, spec: AttackSpec | None, batch: int) -> str:
-    """Identifies a batch result: the model's name, the attack's full settings and the index."""
+def batch_key(model_name: str, spec: AttackSpec | None, batch: int, model_version: str = "") -> str:
+    """Identifies a batch result: the model's name and version (a checksum of its weights and
+    settings), the attack's full settings and the batch index."""
+    model = f"{model_name}@{model_version}" if model_version else model_name
     if spec is None:
-        return f"{model_name}|{CLEAN}|{batch}"
+        return f"{model}|{CLEAN}|{batch}"
     settings = zlib.crc32(json.dumps(spec.to_dict(), sort_keys=True).encode())
-    return f"{model_name}|{spec.label}#{settings:08x}|{batch}"
+    return f"{model}|{spec.label}#{settings:08x}|{batch}"
 
 
 class BatchStore:
