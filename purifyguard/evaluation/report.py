@@ -58,8 +58,8 @@ def build_report(
 
     n_batches = -(-settings["n"] // settings["batch_size"])
     rows = []
-    for model_name in models:
-        version = models[model_name].get("version", "")
+    for model_name, description in models.items():
+        version = description.get("version", "")
         clean = _batches(records, model_name, None, n_batches, version)
         labels = torch.tensor([y for r in clean for y in r["labels"]])
         clean_correct = _predictions(clean) == labels
