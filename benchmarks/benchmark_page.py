@@ -173,6 +173,17 @@ def sanity_section(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def figures_section(benchmark: dict[str, Any]) -> list[str]:
+    """Image grids the JSON points to (paths relative to the docs folder), if any."""
+    figures = benchmark.get("figures", [])
+    if not figures:
+        return []
+    lines = ["## Pictures", ""]
+    for figure in figures:
+        lines += [f"![{figure['caption']}]({figure['path']})", "", f"*{figure['caption']}*", ""]
+    return lines
+
+
 INTRO = (
     "{count} defences on the same images, attacks and seeds, L-inf eps = 0.1, following the "
     "[evaluation protocol](evaluation.md). Robust accuracy is the mean over R purifications "
@@ -206,5 +217,6 @@ def benchmark_page(benchmark: dict[str, Any]) -> str:
               *attacks_section(report), "",
               "## Results", "", *results_section(benchmark), "",
               "## Targets", "", *targets_section(benchmark), "",
-              "## Sanity checks", "", *sanity_section(report), "", FOOTER, ""]
+              "## Sanity checks", "", *sanity_section(report), "",
+              *figures_section(benchmark), FOOTER, ""]
     return "\n".join(lines)
