@@ -38,32 +38,29 @@ def bundled_test_images() -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     return tensors["images"].float() / 255, tensors["labels"].long(), FASHION_MNIST_CLASSES
 
 
-def _bundled_purifier(name: str) -> Purifier:
-    return Purifier.from_pretrained(ASSETS / "purifiers" / name)
+BUNDLED_PURIFIERS = {  # name: (description, default for 1x28x28 classifiers)
+    "fashion-mnist-agdm": (
+        ("adversarially guided purification (AGDM) with the bundled Fashion-MNIST denoiser and "
+         "TRADES guidance network"), True,
+    ),
+    "fashion-mnist-ddpm": (
+        "unguided DDPM purification (DiffPure-style) with the bundled Fashion-MNIST denoiser",
+        False,
+    ),
+    "fashion-mnist-agdm-adapted": (
+        ("fashion-mnist-agdm with its guidance network and scale fine-tuned to the bundled "
+         "classifier (purifyguard train adapt)"), False,
+    ),
+}
 
 
-@register_purifier(
-    "fashion-mnist-agdm", channels=1, resolution=28, default=True,
-    description="adversarially guided purification (AGDM) with the bundled Fashion-MNIST "
-    "denoiser and TRADES guidance network",
-)
-def _fashion_mnist_agdm() -> Purifier:
-    return _bundled_purifier("fashion-mnist-agdm")
+def _bundled_loader(name: str):
+    def load() -> Purifier:
+        return Purifier.from_pretrained(ASSETS / "purifiers" / name)
+
+    return load
 
 
-@register_purifier(
-    "fashion-mnist-ddpm", channels=1, resolution=28,
-    description="unguided DDPM purification (DiffPure-style) with the bundled Fashion-MNIST "
-    "denoiser",
-)
-def _fashion_mnist_ddpm() -> Purifier:
-    return _bundled_purifier("fashion-mnist-ddpm")
-
-
-@register_purifier(
-    "fashion-mnist-agdm-adapted", channels=1, resolution=28,
-    description="fashion-mnist-agdm with its guidance network and scale fine-tuned to the "
-    "bundled classifier (purifyguard train adapt)",
-)
-def _fashion_mnist_agdm_adapted() -> Purifier:
-    return _bundled_purifier("fashion-mnist-agdm-adapted")
+for _name, (_description, _default) in BUNDLED_PURIFIERS.items():
+    register_purifier(_name, channels=1, resolution=28, description=_description,
+                      default=_default)(_bundled_loader(_name))

@@ -115,6 +115,7 @@ def evaluate_models(
     store.start(settings, resume, state.is_main_process)
     state.wait_for_everyone()
     undefended = undefended or {}
+    descriptions = {name: describe_model(model) for name, model in models.items()}
     new_records = []
     started = time.perf_counter()
     for model_name, model in models.items():
@@ -125,8 +126,8 @@ def evaluate_models(
             state.wait_for_everyone()
             store.load()
             new_records += _run_batches(
-                model_name, model, bare, spec, images, labels, settings, store, state,
-                output_dir, progress,
+                model_name, descriptions[model_name]["version"], model, bare, spec, images,
+                labels, settings, store, state, output_dir, progress,
             )
     state.wait_for_everyone()
     store.load()
@@ -144,7 +145,7 @@ def evaluate_models(
             for name, model in models.items()
         }
     report = build_report(
-        settings, records, {name: describe_model(m) for name, m in models.items()}, specs,
+        settings, records, descriptions, specs,
         sanity_results, num_processes=state.num_processes, device=str(state.device),
         seconds=time.perf_counter() - started,
     )
@@ -157,7 +158,7 @@ def evaluate_models(
 
 
 def _run_batches(
-    model_name: str, model: nn.Module, bare: nn.Module | None, spec: AttackSpec | None,
+    model_name: str, version: str, model: nn.Module, bare: nn.Module | None, spec: AttackSpec | None,
     images: torch.Tensor, labels: torch.Tensor, settings: dict, store: BatchStore,
     state: PartialState, output_dir: str | Path | None, progress: bool,
 ) -> list[dict[str, Any]]:
@@ -165,7 +166,6 @@ def _run_batches(
     batch_size, seed, runs = settings["batch_size"], settings["seed"], settings["runs"]
     attack_name = CLEAN if spec is None else spec.label
     n_batches = -(-len(labels) // batch_size)
-    version = model_version(model)
     pending = [b for b in range(n_batches)
                if batch_key(model_name, spec, b, version) not in store]
     attacker = None if spec is None else attacked_model(spec, model, bare)
