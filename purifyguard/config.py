@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from purifyguard.files import read_json, write_json
 
 CONFIG_VERSION = 1
 
@@ -74,7 +78,9 @@ class PurifierConfig:
         return min(10, self.t_star) if self.n_steps is None else self.n_steps
 
     def validate(self, num_train_timesteps: int | None = None) -> None:
-        """Raise ValueError naming the first setting that is out of range."""
+        """Raise ValueError naming the first setting of the wrong type or out of range."""
+        for name, kind in _FIELD_TYPES.items():
+            _check_type(name, getattr(self, name), kind)
         _check_choice("sampler", self.sampler, SAMPLERS)
         _check_choice("guidance", self.guidance, GUIDANCE_MODES)
         _check_choice("gradient_mode", self.gradient_mode, GRADIENT_MODES)
@@ -82,24 +88,39 @@ class PurifierConfig:
         _check_choice("guidance_on", self.guidance_on, GUIDANCE_INPUTS)
         _check_choice("distance", self.distance, DISTANCES)
         _check_choice("surrogate_sampler", self.surrogate_sampler, SAMPLERS)
-        if not isinstance(self.t_star, int) or self.t_star < 0:
+        if self.t_star < 0:
             raise ValueError(f"t_star must be a non-negative integer step, got {self.t_star!r}")
         if num_train_timesteps is not None and self.t_star > num_train_timesteps:
             raise ValueError(
                 f"t_star={self.t_star} is out of range: the schedule has "
                 f"{num_train_timesteps} steps, so t_star must lie in [0, {num_train_timesteps}]"
             )
-        if self.sampler == "ddim":
+        if self.n_steps is not None or self.sampler == "ddim":
+            # Checked under ddpm too: a value that a later switch to ddim would use must be valid.
             _check_steps("n_steps", self.ddim_steps, self.t_star)
         if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
-        if self.class_weight < 0:
-            raise ValueError(f"class_weight must be >= 0, got {self.class_weight}")
+            raise ValueError(f"eta must lie in [0, 1], got {self.eta!r}")
+        for name in ("guidance_scale", "class_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.surrogate_steps < 1:
+            raise ValueError(f"surrogate_steps must be >= 1, got {self.surrogate_steps!r}")
         if self.gradient_mode == "surrogate":
             surrogate_nfe = self.t_star if self.surrogate_sampler == "ddpm" else self.surrogate_steps
             _check_steps("surrogate_steps", surrogate_nfe, self.t_star)
+        if not 0 <= self.noise_seed < 2**63:
+            raise ValueError(f"noise_seed must be an integer in [0, 2**63), got {self.noise_seed!r}")
+        for name in ("resolution", "channels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        try:
+            json.dumps(self.extra, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"extra must hold JSON values only (it is saved with the purifier): {error}"
+            ) from None
 
     def replace(self, **changes: Any) -> PurifierConfig:
         """A copy with some settings changed (validated)."""
@@ -112,26 +133,67 @@ class PurifierConfig:
         return {"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PurifierConfig:
+    def from_dict(
+        cls, values: dict[str, Any], source: str | Path = "purifier config"
+    ) -> PurifierConfig:
+        """The config of a saved dict; ValueError naming the source and the bad setting."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source} must be a mapping of settings, got {type(values).__name__}")
         values = dict(values)
         version = values.pop("config_version", None)
         if version != CONFIG_VERSION:
             raise ValueError(
-                f"purifier config version {version!r} is not supported by this purifyguard "
-                f"(it reads version {CONFIG_VERSION}); upgrade purifyguard or re-export the purifier"
+                f"{source}: purifier config version {version!r} is not supported by this "
+                f"purifyguard (it reads version {CONFIG_VERSION}); upgrade purifyguard or "
+                "re-export the purifier"
             )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"purifier config has unknown keys: {sorted(unknown)}")
-        return cls(**values)
+            raise ValueError(f"{source} has unknown keys: {sorted(unknown)}")
+        try:
+            return cls(**values)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> PurifierConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path, "purifier config"), path)
+
+
+# The type of each setting: "int" and "float" refuse bools and strings, "bool" refuses the
+# strings "false" and "no" (which Python would take as true), "?" allows None.
+_FIELD_TYPES = {
+    "t_star": "int", "sampler": "str", "n_steps": "int?", "eta": "float", "guidance": "str",
+    "guidance_scale": "float", "scale_schedule": "str", "guidance_on": "str", "distance": "str",
+    "class_weight": "float", "gradient_mode": "str", "surrogate_sampler": "str",
+    "surrogate_steps": "int", "checkpointing": "bool", "fixed_noise": "bool", "noise_seed": "int",
+    "resolution": "int?", "channels": "int?", "training_data": "str?", "extra": "dict",
+}
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "True or False",
+               "str": "a string", "dict": "a mapping"}
+
+
+def _check_type(name: str, value: Any, kind: str) -> None:
+    optional = kind.endswith("?")
+    kind = kind.rstrip("?")
+    if value is None and optional:
+        return
+    valid = {
+        "int": isinstance(value, numbers.Integral) and not isinstance(value, bool),
+        "float": isinstance(value, numbers.Real) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "dict": isinstance(value, dict),
+    }[kind]
+    if not valid:
+        expected = _TYPE_NAMES[kind] + (" or None" if optional else "")
+        raise ValueError(
+            f"purifier setting {name} must be {expected}, got {value!r} ({type(value).__name__})"
+        )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -140,7 +202,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _check_steps(name: str, steps: int | None, t_star: int) -> None:
-    if not isinstance(steps, int) or steps < 0:
+    if steps < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {steps!r}")
     if steps > t_star:
         raise ValueError(f"{name}={steps} exceeds t_star={t_star}: k steps must satisfy k <= t*")

@@ -24,10 +24,12 @@ import timm
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from huggingface_hub import HfApi, snapshot_download
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from purifyguard.config import PurifierConfig
+from purifyguard.files import check_inside, read_json, write_atomic, write_json
 from purifyguard.model_card import model_card
 
 if TYPE_CHECKING:
@@ -46,6 +48,15 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # The files from_diffusers needs from a diffusers pipeline repository (pickles are not fetched).
 DIFFUSERS_FILES = ["model_index.json", f"{UNET_DIR}/*.json", f"{UNET_DIR}/{UNET_WEIGHTS}",
                    f"{SCHEDULER_DIR}/*.json"]
+LAYOUT_DIRS = (UNET_DIR, SCHEDULER_DIR, GUIDANCE_DIR)
+# create_model kwargs that would load weights from outside a model folder.
+FORBIDDEN_TIMM_KWARGS = frozenset(
+    {"pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_strict", "cache_dir"}
+)
+# What a saved pretrained_cfg_overlay may say: how the network wants its input.
+INPUT_CONFIG_KEYS = frozenset(
+    {"mean", "std", "input_size", "interpolation", "crop_pct", "crop_mode", "num_classes"}
+)
 # Set on guidance networks built by create_guidance_network, so that they save themselves again.
 TIMM_KWARGS_ATTRIBUTE = "purifyguard_timm_kwargs"
 
@@ -127,18 +138,22 @@ class PurifierHubMixin:
 
         settings override the saved PurifierConfig (e.g. t_star=50, gradient_mode="bpda").
         """
+        _check_dtype(torch_dtype)
         folder = resolve_folder(
             repo_id_or_dir, revision=revision, cache_dir=cache_dir, token=token,
             local_files_only=local_files_only,
         )
+        config_file = require_file(folder / PURIFIER_CONFIG)
         refuse_pickles(folder)
-        config = PurifierConfig.load(require_file(folder / PURIFIER_CONFIG))
+        check_layout_inside(folder)
+        config = PurifierConfig.from_dict(read_json(config_file, "purifier config"), config_file)
         unet = load_unet(folder / UNET_DIR, torch_dtype)
         scheduler = load_scheduler(folder / SCHEDULER_DIR)
         guidance_network = None
         if (folder / GUIDANCE_DIR).exists():
             guidance_network = load_guidance_network(folder / GUIDANCE_DIR).to(torch_dtype)
         purifier = cls(unet, scheduler, guidance_network, config, **settings)
+        check_outputs_finite(purifier, folder)
         return purifier.to(device) if device is not None else purifier
 
     @classmethod
@@ -161,12 +176,15 @@ class PurifierHubMixin:
         Works on Hub repositories such as google/ddpm-cifar10-32 and on folders written by
         DDPMPipeline.save_pretrained. Unguided unless settings and guidance_network say otherwise.
         """
+        _check_dtype(torch_dtype)
         folder = resolve_folder(
             repo_or_dir, revision=revision, cache_dir=cache_dir, token=token,
             local_files_only=local_files_only, allow_patterns=DIFFUSERS_FILES,
         )
-        components = json.loads(require_file(folder / "model_index.json").read_text())
-        unet_class = components.get(UNET_DIR, [None, None])[1]
+        check_layout_inside(folder)
+        components = read_json(require_file(folder / "model_index.json"), "pipeline index")
+        unet_entry = components.get(UNET_DIR)
+        unet_class = unet_entry[1] if isinstance(unet_entry, list) and len(unet_entry) == 2 else None
         if unet_class != "UNet2DModel":
             raise ValueError(
                 f"{repo_or_dir}: from_diffusers needs an unconditional pipeline whose 'unet' is a "
@@ -177,6 +195,7 @@ class PurifierHubMixin:
         unet = load_unet(folder / UNET_DIR, torch_dtype)
         scheduler = load_scheduler(folder / SCHEDULER_DIR)
         purifier = cls(unet, scheduler, guidance_network, None, t_star=t_star, **settings)
+        check_outputs_finite(purifier, folder)
         return purifier.to(device) if device is not None else purifier
 
     def _write_folder(
@@ -209,7 +228,7 @@ class PurifierHubMixin:
             config, guidance=guidance, metrics=metrics, card_data=card_data, repo_id=repo_id,
             denoiser_parameters=sum(p.numel() for p in self.unet.parameters()),
         )
-        (folder / MODEL_CARD).write_text(card)
+        write_atomic(folder / MODEL_CARD, card)
         return folder
 
 
@@ -224,6 +243,11 @@ def resolve_folder(
 ) -> Path:
     """A local folder as it is, or a Hub repo id through snapshot_download (cache, revision,
     HF_HUB_OFFLINE)."""
+    if not isinstance(repo_id_or_dir, (str, Path)) or not str(repo_id_or_dir).strip():
+        raise ValueError(
+            "expected a purifier folder or a Hub repo id of the form 'user/name', got "
+            f"{repo_id_or_dir!r}"
+        )
     path = Path(repo_id_or_dir).expanduser()
     if path.is_dir():
         return path
@@ -242,10 +266,28 @@ def resolve_folder(
 
 
 def refuse_pickles(folder: Path) -> None:
-    """ValueError if the folder holds a pickle checkpoint: purifyguard reads safetensors only."""
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in PICKLE_SUFFIXES and path.is_file():
-            raise ValueError(_pickle_message(path.relative_to(folder), folder))
+    """ValueError if the folder or one of its component folders holds a pickle checkpoint:
+    purifyguard reads safetensors only. Only the layout's own folders are looked at, never
+    the whole tree under the folder."""
+    for part in (folder, *(folder / name for name in LAYOUT_DIRS)):
+        if not part.is_dir():
+            continue
+        for path in sorted(part.iterdir()):
+            if path.suffix.lower() in PICKLE_SUFFIXES and path.is_file():
+                raise ValueError(_pickle_message(path.relative_to(folder), folder))
+
+
+def check_layout_inside(folder: Path) -> None:
+    """ValueError if a file of the layout is a link that leads out of the folder. A Hub
+    snapshot's files link into the cache's blobs/ folder, two levels up, which is allowed."""
+    snapshot = folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir()
+    root = folder.parent.parent if snapshot else folder
+    for part in (folder, *(folder / name for name in LAYOUT_DIRS)):
+        if part.exists():
+            check_inside(part, root, "folder")
+        if part.is_dir():
+            for path in part.iterdir():
+                check_inside(path, root)
 
 
 def require_file(path: Path) -> Path:
@@ -266,15 +308,27 @@ def load_unet(folder: Path, torch_dtype: torch.dtype = torch.float32) -> UNet2DM
         pickles = [p for p in sorted(folder.glob("*")) if p.suffix.lower() in PICKLE_SUFFIXES]
         if pickles:
             raise ValueError(_pickle_message(Path(folder.name) / pickles[0].name, folder.parent))
-    require_file(folder / "config.json")
+    read_json(require_file(folder / "config.json"), "denoiser config")
     require_file(weights)
-    return UNet2DModel.from_pretrained(folder, use_safetensors=True, torch_dtype=torch_dtype)
+    try:
+        unet = UNet2DModel.from_pretrained(folder, use_safetensors=True, torch_dtype=torch_dtype)
+    except (OSError, RuntimeError, ValueError, TypeError, SafetensorError) as error:
+        raise ValueError(
+            f"cannot load the denoiser from {folder} (config.json and {UNET_WEIGHTS} must be a "
+            f"diffusers UNet2DModel and its weights): {error}"
+        ) from None
+    check_weights_finite(unet, weights)
+    return unet
 
 
 def load_scheduler(folder: Path) -> DDPMScheduler:
     """The DDPM noise schedule of a diffusers scheduler folder (DDIM/PNDM configs share it)."""
-    config = json.loads(require_file(folder / SCHEDULER_CONFIG).read_text())
-    return DDPMScheduler.from_config(config)
+    path = require_file(folder / SCHEDULER_CONFIG)
+    config = read_json(path, "scheduler config")
+    try:
+        return DDPMScheduler.from_config(config)
+    except (TypeError, ValueError, NotImplementedError) as error:
+        raise ValueError(f"invalid scheduler config {path}: {error}") from None
 
 
 def create_guidance_network(architecture: str, **kwargs: Any) -> nn.Module:
@@ -329,17 +383,124 @@ def save_guidance_network(
     architecture, kwargs = guidance_architecture(network, kwargs)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"library": "timm", "architecture": architecture, "kwargs": kwargs}
-    (folder / GUIDANCE_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    write_json(folder / GUIDANCE_CONFIG, config)
     save_model(network, str(folder / GUIDANCE_WEIGHTS))
     return architecture, kwargs
 
 
 def load_guidance_network(folder: Path) -> nn.Module:
-    """The timm guidance network of guidance/, weights from safetensors on the CPU."""
-    config = json.loads(require_file(folder / GUIDANCE_CONFIG).read_text())
-    network = create_guidance_network(config["architecture"], **config.get("kwargs", {}))
-    load_model(network, str(require_file(folder / GUIDANCE_WEIGHTS)), strict=True, device="cpu")
+    """The timm network of a folder (guidance/, or an exported classifier): its config is
+    checked to name a timm architecture with plain kwargs, and its safetensors weights must
+    match the architecture, tensor by tensor, and be finite. Nothing is fetched or unpickled."""
+    folder = Path(folder)
+    config_file = require_file(folder / GUIDANCE_CONFIG)
+    weights = require_file(folder / GUIDANCE_WEIGHTS)
+    for path in (config_file, weights):
+        check_inside(path, folder.parent.parent if _in_snapshot(folder) else folder)
+    architecture, kwargs = guidance_config(read_json(config_file, "network config"), config_file)
+    try:
+        network = create_guidance_network(architecture, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"{config_file}: timm.create_model({architecture!r}, **{kwargs}) fails: {error}"
+        ) from None
+    _check_weight_shapes(network, weights)
+    load_model(network, str(weights), strict=True, device="cpu")
+    check_weights_finite(network, weights)
     return network.eval()
+
+
+def guidance_config(config: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]]:
+    """(architecture, kwargs) of a network config, refusing anything that would make timm load
+    or fetch weights from elsewhere (a checkpoint_path, pretrained=True, an hf-hub: name)."""
+    unknown = set(config) - {"library", "architecture", "kwargs"}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    if config.get("library", "timm") != "timm":
+        raise ValueError(f"{path}: library must be 'timm', got {config.get('library')!r}")
+    architecture = config.get("architecture")
+    if not isinstance(architecture, str) or not architecture:
+        raise ValueError(f"{path} must name the timm 'architecture', got {architecture!r}")
+    if ":" in architecture or not timm.is_model(architecture):
+        raise ValueError(
+            f"{path}: architecture {architecture!r} is not a timm architecture name (a local "
+            "folder loads only the files it contains: no hf-hub: or local-dir: names)"
+        )
+    kwargs = config.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{path}: kwargs must be a mapping, got {kwargs!r}")
+    forbidden = sorted(set(kwargs) & FORBIDDEN_TIMM_KWARGS)
+    if forbidden:
+        raise ValueError(
+            f"{path}: kwargs {forbidden} are refused: they make timm load weights from outside "
+            "the folder"
+        )
+    overlay = kwargs.get("pretrained_cfg_overlay", {})
+    if not isinstance(overlay, dict) or set(overlay) - INPUT_CONFIG_KEYS:
+        raise ValueError(
+            f"{path}: pretrained_cfg_overlay may set only {sorted(INPUT_CONFIG_KEYS)}, got "
+            f"{overlay!r}"
+        )
+    return architecture, kwargs
+
+
+def check_weights_finite(module: nn.Module, path: Path) -> None:
+    """ValueError naming the first tensor with NaN or Inf values: corrupt weights purify to NaN."""
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: tensor {name} holds NaN or Inf values; the file is corrupt")
+
+
+@torch.no_grad()
+def check_outputs_finite(purifier: Purifier, folder: Path) -> None:
+    """One denoiser call (and one guidance-network call) on a fixed input must give finite
+    outputs: weights that are finite but absurd (random bytes) would purify every image to NaN."""
+    size, channels = purifier.resolution, purifier.channels
+    generator = torch.Generator().manual_seed(0)
+    dtype = purifier.unet.dtype
+    x = torch.randn(1, channels, size, size, generator=generator).to(dtype)
+    step = torch.full((1,), max(purifier.config.t_star, 1) - 1, dtype=torch.long)
+    checks = [("denoiser", lambda: purifier.unet(x, step).sample)]
+    if purifier.guidance_network is not None:
+        checks.append(("guidance network", lambda: purifier.guidance_network((x + 1) / 2)))
+    for what, call in checks:
+        try:
+            output = call()
+        except RuntimeError as error:
+            raise ValueError(f"{folder}: the {what} fails on a {tuple(x.shape)} input: {error}") \
+                from None
+        if not torch.isfinite(output).all():
+            raise ValueError(
+                f"{folder}: the {what} returns NaN or Inf on a normal input; its weights are "
+                "corrupt"
+            )
+
+
+def _check_weight_shapes(network: nn.Module, weights: Path) -> None:
+    """ValueError naming the first tensor whose name or shape differs between the config's
+    architecture and the weights file (and the file when it is not readable safetensors)."""
+    try:
+        with safe_open(str(weights), framework="pt") as file:
+            stored = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{weights} is not a readable safetensors file: {error}") from None
+    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    if stored != expected:
+        key = min(k for k in stored.keys() | expected.keys() if stored.get(k) != expected.get(k))
+        raise ValueError(
+            f"{weights} does not match the architecture of its config.json: tensor {key} is "
+            f"{stored.get(key, 'absent')} in the file, {expected.get(key, 'absent')} in the "
+            "architecture"
+        )
+
+
+def _in_snapshot(folder: Path) -> bool:
+    return any(parent.name == "snapshots" for parent in folder.parents)
+
+
+def _check_dtype(torch_dtype: object) -> None:
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise ValueError(f"torch_dtype must be a floating torch.dtype, got {torch_dtype!r}")
 
 
 def _pickle_message(relative: Path, folder: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -64,8 +65,17 @@ def resolve_input_config(
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
     if mean is not None:
-        return _fit(mean, channels), _fit(std, channels), None, "explicit mean/std"
+        mean, std = _numbers("mean", mean), _numbers("std", std)
+        return (_fit(mean, channels, "mean", explicit=True),
+                _fit(std, channels, "std", explicit=True), None, "explicit mean/std")
     if weights is not None:
+        if not callable(getattr(weights, "transforms", None)):
+            raise ValueError(
+                "weights must be a torchvision weights enum member such as "
+                f"ResNet18_Weights.IMAGENET1K_V1, got {weights!r} ({type(weights).__name__}); "
+                "torchvision.models.get_weight('ResNet18_Weights.IMAGENET1K_V1') turns a name "
+                "into one"
+            )
         transforms = weights.transforms()
         resolution = _first(getattr(transforms, "crop_size", None))
         return (
@@ -110,17 +120,42 @@ def _torchvision_defaults(model: nn.Module) -> tuple[tuple, tuple, int]:
     return _TORCHVISION_FALLBACK
 
 
-def _fit(values: Sequence[float], channels: int | None) -> tuple[float, ...]:
-    """Match per-channel statistics to the model's channels: RGB statistics on a grey model
-    become their average."""
+def _numbers(name: str, values: object) -> tuple[float, ...]:
+    """Explicit mean or std: a non-empty sequence of finite numbers (std also > 0)."""
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = (values,)
+    if isinstance(values, torch.Tensor):
+        values = values.flatten().tolist()
+    if (
+        not isinstance(values, Sequence) or isinstance(values, str) or not values
+        or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values)
+    ):
+        raise ValueError(f"{name} must be a number or a sequence of numbers, got {values!r}")
+    values = tuple(float(v) for v in values)
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must hold finite numbers, got {values}")
+    if name == "std" and min(values) <= 0:
+        raise ValueError(f"std must be > 0 in every channel (it divides the input), got {values}")
+    return values
+
+
+def _fit(
+    values: Sequence[float], channels: int | None, name: str = "mean", explicit: bool = False
+) -> tuple[float, ...]:
+    """Match per-channel statistics to the model's channels. One value serves every channel;
+    the RGB statistics of a pretrained config on a grey model become their average (an explicit
+    mean or std must match the channels)."""
     values = tuple(float(v) for v in values)
     if channels is None or len(values) == channels:
         return values
     if len(values) == 1:
         return values * channels
-    if channels == 1:
+    if channels == 1 and len(values) == 3 and not explicit:
         return (sum(values) / len(values),)
-    raise ValueError(f"{len(values)} normalisation values for a {channels}-channel model")
+    raise ValueError(
+        f"{name} has {len(values)} values {values} for a {channels}-channel classifier; give one "
+        f"value or {channels}"
+    )
 
 
 def _first(size: object) -> int | None:

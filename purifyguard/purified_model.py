@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 
 # Luminance weights (ITU-R BT.601) for an RGB input to a grey purifier.
 _RGB_TO_GREY = (0.299, 0.587, 0.114)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "nearest-exact", "area")
+# Smaller images carry too little to classify: a 1x1 input is a mistake, not a picture.
+MIN_IMAGE_SIDE = 8
 
 
 class PurifiedModel(nn.Module):
@@ -48,8 +51,17 @@ class PurifiedModel(nn.Module):
         super().__init__()
         if not isinstance(classifier, nn.Module):
             raise ValueError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+            raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+        if input_size is not None and (
+            not isinstance(input_size, int) or isinstance(input_size, bool)
+            or input_size < MIN_IMAGE_SIDE
+        ):
+            raise ValueError(
+                f"input_size must be an integer >= {MIN_IMAGE_SIDE} or None, got {input_size!r}"
+            )
         self.classifier = classifier
         self.classifier_channels = input_channels(classifier)
         mean, std, resolution, source = resolve_input_config(classifier, mean, std, weights)
@@ -115,6 +127,13 @@ class PurifiedModel(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         x = check_images(x)
+        if min(x.shape[-2:]) < MIN_IMAGE_SIDE:
+            raise ValueError(
+                f"images of {x.shape[-2]}x{x.shape[-1]} pixels are too small to classify; "
+                f"expected at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}"
+                + (f" (this classifier reads {self.input_size}x{self.input_size})"
+                   if self.input_size else "")
+            )
         if self.classifier_channels is not None and x.shape[1] != self.classifier_channels:
             raise ValueError(
                 f"the classifier takes {self.classifier_channels}-channel images, got "

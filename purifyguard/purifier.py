@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from contextlib import nullcontext
 from typing import Any
 
@@ -39,6 +40,12 @@ class Purifier(PurifierHubMixin, nn.Module):
         super().__init__()
         if not isinstance(unet, UNet2DModel):
             raise ValueError(f"unet must be a diffusers UNet2DModel, got {type(unet).__name__}")
+        if guidance_network is not None and not isinstance(guidance_network, nn.Module):
+            raise ValueError(
+                f"guidance_network must be an nn.Module or None, got {type(guidance_network).__name__}"
+            )
+        if config is not None and not isinstance(config, PurifierConfig):
+            raise ValueError(f"config must be a PurifierConfig or None, got {type(config).__name__}")
         self.unet = unet.requires_grad_(False)
         self.schedule = NoiseSchedule(scheduler_config)
         if guidance_network is not None:
@@ -120,6 +127,14 @@ class Purifier(PurifierHubMixin, nn.Module):
     def _generator(
         self, x: torch.Tensor, generator: torch.Generator | None, seed: int | None
     ) -> torch.Generator | None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if seed is not None and (
+            not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**63
+        ):
+            raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
+        if generator is not None and seed is not None:
+            raise ValueError("give a seed or a generator, not both")
         if generator is not None:
             return generator
         if seed is None and self.config.fixed_noise:

@@ -20,11 +20,20 @@ class NoiseSchedule(nn.Module):
         super().__init__()
         if isinstance(scheduler_config, DDPMScheduler):
             scheduler = scheduler_config
+        elif scheduler_config is None or isinstance(scheduler_config, dict):
+            try:
+                scheduler = DDPMScheduler.from_config(dict(scheduler_config or {}))
+            except (TypeError, ValueError, NotImplementedError) as error:
+                raise ValueError(f"invalid scheduler config {scheduler_config}: {error}") from None
         else:
-            scheduler = DDPMScheduler.from_config(dict(scheduler_config or {}))
+            raise ValueError(
+                "scheduler_config must be a diffusers DDPMScheduler, a dict of its config or None, "
+                f"got {type(scheduler_config).__name__}"
+            )
         prediction = scheduler.config.prediction_type
         if prediction != "epsilon":
             raise ValueError(f"the denoiser must predict epsilon, its scheduler says {prediction!r}")
+        _check_betas(scheduler.betas)
         self.scheduler_config = dict(scheduler.config)
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.double(), persistent=False)
 
@@ -46,3 +55,15 @@ class NoiseSchedule(nn.Module):
         """x0_hat(x_t) = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)."""
         abar = self.abar(index, x_t)
         return (x_t - (1 - abar).sqrt() * eps_hat) / abar.sqrt()
+
+
+def _check_betas(betas: torch.Tensor) -> None:
+    """A usable noise schedule has every beta_t in (0, 1): beta_t >= 1 erases the signal and
+    makes abar_t zero or negative, which saturates or NaNs every purified pixel."""
+    bad = ~(torch.isfinite(betas) & (betas > 0) & (betas < 1))
+    if bad.any():
+        step = int(bad.nonzero()[0])
+        raise ValueError(
+            f"the noise schedule has beta_{step} = {float(betas[step]):.4g}; every beta_t must lie "
+            "in (0, 1) (check beta_start, beta_end and trained_betas of the scheduler config)"
+        )
