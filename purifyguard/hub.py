@@ -84,6 +84,9 @@ class PurifierHubMixin:
             beyond num_classes and in_chans (e.g. channels), when it was not built by
             create_guidance_network.
         """
+        if not isinstance(save_directory, (str, Path)) or not str(save_directory).strip():
+            raise ValueError(f"save_directory must be a folder path, got {save_directory!r}")
+        _check_card_arguments(metrics, card_data, guidance_kwargs)
         return self._write_folder(Path(save_directory), metrics, card_data, guidance_kwargs)
 
     def push_to_hub(
@@ -104,6 +107,9 @@ class PurifierHubMixin:
 
         dry_run=True contacts nothing and returns what would be uploaded: {path: size in bytes}.
         """
+        if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+            raise ValueError(f"repo_id must be a Hub repo id of the form 'user/name', got {repo_id!r}")
+        _check_card_arguments(metrics, card_data, guidance_kwargs)
         with tempfile.TemporaryDirectory() as staging:
             folder = self._write_folder(
                 Path(staging), metrics, card_data, guidance_kwargs, repo_id=repo_id
@@ -492,6 +498,12 @@ def _check_weight_shapes(network: nn.Module, weights: Path) -> None:
             f"{stored.get(key, 'absent')} in the file, {expected.get(key, 'absent')} in the "
             "architecture"
         )
+
+
+def _check_card_arguments(*mappings: dict[str, Any] | None) -> None:
+    for name, value in zip(("metrics", "card_data", "guidance_kwargs"), mappings):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{name} must be a dict or None, got {type(value).__name__}")
 
 
 def _in_snapshot(folder: Path) -> bool:

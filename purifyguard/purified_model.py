@@ -80,6 +80,8 @@ class PurifiedModel(nn.Module):
 
     def with_purifier(self, purifier: Purifier | None) -> PurifiedModel:
         """The same classifier and input handling in front of another purifier (None: none)."""
+        if purifier is not None and not isinstance(purifier, Purifier):
+            raise ValueError(f"purifier must be a Purifier or None, got {type(purifier).__name__}")
         clone = copy.copy(self)
         clone._modules = dict(self._modules)
         clone.purifier = purifier

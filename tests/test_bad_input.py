@@ -272,3 +272,16 @@ def test_an_intact_folder_still_loads_and_purifies(saved, images):
 
 def _no_network(*args, **kwargs):
     raise AssertionError(f"tried to reach the Hub: {args} {kwargs}")
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda p, tmp: p.save_pretrained(""), "save_directory must be a folder path"),
+    (lambda p, tmp: p.save_pretrained(tmp, metrics=[0.9]), "metrics must be a dict"),
+    (lambda p, tmp: p.push_to_hub("no-owner", dry_run=True), "repo_id must be a Hub repo id"),
+    (lambda p, tmp: PurifiedModel(grey_classifier(), p).with_purifier("fashion"),
+     "purifier must be a Purifier or None"),
+])
+def test_saving_and_swapping_check_their_arguments(make_purifier, tmp_path, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(make_purifier(), tmp_path)
+    assert not any(tmp_path.iterdir())
