@@ -27,7 +27,6 @@ costs, the command and the hardware; --from-json rewrites the Markdown page from
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import sys
@@ -41,6 +40,7 @@ from purifyguard import PurifiedModel, bundled_classifier, bundled_test_images
 from purifyguard.data import load_dataset
 from purifyguard.evaluation import evaluate_models
 from purifyguard.evaluation.attacks import AttackSpec
+from purifyguard.files import read_json, write_atomic, write_json
 from purifyguard.registry import load_purifier
 
 DEFENCES = {  # name: what it is, as the page says it
@@ -192,19 +192,19 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.from_json:
-        benchmark = json.loads(Path(args.from_json).read_text())
+        benchmark = read_json(args.from_json, "benchmark results file")
     else:
         benchmark = run(args)
         if not PartialState().is_main_process:  # under `accelerate launch`: one writer
             return
         path = Path(args.output_dir) / "benchmark.json"
-        path.write_text(json.dumps(benchmark, indent=2) + "\n")
+        write_json(path, benchmark)
         print(f"wrote {path}")
     sys.path.insert(0, str(Path(__file__).parent))
     from benchmark_page import benchmark_page
 
     page = benchmark_page(benchmark)
-    Path(args.docs).write_text(page)
+    write_atomic(args.docs, page)
     print(page)
     print(f"wrote {args.docs}")
 

@@ -14,7 +14,6 @@ network and classifier (its speed does not depend on their weights).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -26,6 +25,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from purifyguard import Purifier
+from purifyguard.files import write_json
 from purifyguard.hub import create_guidance_network, save_guidance_network
 from purifyguard.train.run import read_metrics
 
@@ -107,7 +107,7 @@ def main() -> None:
         one, two = (r["images_per_s"] for r in results if r["routine"] == routine)
         print(f"| {routine} | {one:.2f} | {two:.2f} | {two / one:.2f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

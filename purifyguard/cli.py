@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from purifyguard import __version__
@@ -39,10 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("list", help="the registered purifiers")
 
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        demo.run(args)
-    elif args.command in ("evaluate", "compare"):
-        evaluation_cli.run(args)
+    if args.command in ("demo", "evaluate", "compare"):
+        _run_reporting_errors(args, demo.run if args.command == "demo" else evaluation_cli.run)
     elif args.command == "list":
         from purifyguard.registry import list_purifiers, registered
 
@@ -51,6 +50,21 @@ def main(argv: list[str] | None = None) -> None:
             default = " (default)" if entry.default else ""
             print(f"{name}{default}: {entry.channels}x{entry.resolution}x{entry.resolution}, "
                   f"{entry.description}")
+
+
+def _run_reporting_errors(args: argparse.Namespace, command) -> None:
+    """Run a command; a problem with its options, files or data (ValueError, a missing file, an
+    output folder in use) ends it with the message alone and exit status 1, not a traceback.
+    PURIFYGUARD_DEBUG=1 shows the traceback."""
+    from purifyguard.evaluation.harness import OutputFolderInUse
+
+    try:
+        command(args)
+    except (ValueError, OSError, OutputFolderInUse) as error:
+        if os.environ.get("PURIFYGUARD_DEBUG"):
+            raise
+        print(f"purifyguard {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

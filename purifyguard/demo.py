@@ -12,13 +12,14 @@ Three attacks, each named for what the attacker differentiates:
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from purifyguard.evaluation.arguments import positive_float, positive_int
 from purifyguard.evaluation.attacks import REFERENCE_EOT, REFERENCE_STEPS, AttackSpec
 from purifyguard.evaluation.harness import evaluate
+from purifyguard.files import write_atomic
 from purifyguard.presets import CLASSIFIERS, bundled_classifier, bundled_test_images
 from purifyguard.purified_model import PurifiedModel
 
@@ -27,14 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier", default="fashion-mnist-resnet18", choices=sorted(CLASSIFIERS))
     parser.add_argument("--purifier", help="registered name, folder or Hub id (default: the "
                         "registered default for the classifier)")
-    parser.add_argument("--eps", type=float, default=0.1, help="L-inf radius")
-    parser.add_argument("--n", type=int, default=256, help="images for attacks 1 and 2")
-    parser.add_argument("--steps", type=int, default=20, help="PGD steps of attacks 1 and 2")
-    parser.add_argument("--adaptive-n", type=int, default=16, help="images for attack 3")
-    parser.add_argument("--adaptive-steps", type=int, default=5, help="PGD steps of attack 3")
-    parser.add_argument("--eot", type=int, default=1, help="EOT samples of attack 3")
-    parser.add_argument("--runs", type=int, default=2, help="R purifications per verdict")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--eps", type=positive_float, default=0.1, help="L-inf radius")
+    parser.add_argument("--n", type=positive_int, default=256, help="images for attacks 1 and 2")
+    parser.add_argument("--steps", type=positive_int, default=20, help="PGD steps of attacks 1 and 2")
+    parser.add_argument("--adaptive-n", type=positive_int, default=16, help="images for attack 3")
+    parser.add_argument("--adaptive-steps", type=positive_int, default=5, help="PGD steps of attack 3")
+    parser.add_argument("--eot", type=positive_int, default=1, help="EOT samples of attack 3")
+    parser.add_argument("--runs", type=positive_int, default=2, help="R purifications per verdict")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="purifyguard-demo")
     parser.add_argument("--no-progress", action="store_true")
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
     grid = output / "adaptive" / "grid-purified-adaptive-pgd.png"
     if grid.exists():
-        shutil.copy(grid, output / "demo.png")
+        write_atomic(output / "demo.png", grid.read_bytes())
     print()
     print(table(rows, args.eps, args.runs, args.seed))
     print(f"picture: {output / 'demo.png'} (clean / adversarial / purified, with predictions)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -104,9 +105,11 @@ def test_two_process_cpu_run_writes_a_checkpoint(routine, tmp_path, adapt_inputs
 
     checkpoint = last_checkpoint(tmp_path / "checkpoints")
     assert checkpoint is not None and checkpoint.name == "step_00000002"
-    assert json.loads((checkpoint / "progress.json").read_text()) == {"step": 2}
+    manifest = json.loads((checkpoint / "progress.json").read_text())
+    assert (manifest["step"], manifest["processes"]) == (2, 2)
     # Each process saves its own random state: two files only if the two really joined one run.
-    assert (checkpoint / "random_states_1.pkl").exists()
+    assert {"rng_0.safetensors", "rng_1.safetensors"} <= set(manifest["files"])
+    assert (checkpoint / "rng_1.safetensors").exists()
     assert [line["step"] for line in read_metrics(tmp_path)] == [1, 2]
     assert (tmp_path / "final").is_dir()
 
@@ -127,40 +130,41 @@ def test_loss_falls_on_fashion_mnist(routine, options, tmp_path):
 
 
 def test_resume_continues_from_the_checkpoint_with_the_optimizer_state(tmp_path):
-    common = ["--batch-size", "8", "--checkpoint-every", "2", "--log-every", "1",
+    common = ["--steps", "6", "--batch-size", "8", "--checkpoint-every", "2", "--log-every", "1",
               "--keep-checkpoints", "5", *TINY["diffusion"]]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    train("diffusion", straight, "--steps", "6", *common)
-    train("diffusion", interrupted, "--steps", "4", *common)
-    # A kill after step 5 was logged, during its save: a .partial folder, which resume must
-    # ignore, and a metrics line past the checkpoint, which resume must drop.
+    train("diffusion", straight, *common)
+    # The same run killed after step 5 was logged, during its save: the checkpoints up to step 4,
+    # a .partial folder, which resume must ignore, and a metrics line past the checkpoint, which
+    # resume must drop.
+    shutil.copytree(straight, interrupted)
+    shutil.rmtree(interrupted / "checkpoints" / "step_00000006")
     (interrupted / "checkpoints" / "step_00000005.partial").mkdir()
-    with open(interrupted / "metrics.jsonl", "a") as metrics:
-        metrics.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
-    result = train("diffusion", interrupted, "--steps", "6", "--resume", *common)
+    kept = [line for line in read_metrics(straight) if line["step"] <= 5]
+    (interrupted / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in kept))
+    result = train("diffusion", interrupted, "--resume", *common)
 
     assert "at step 4" in result.stdout
     assert [line["step"] for line in read_metrics(interrupted)] == [1, 2, 3, 4, 5, 6]
-    for step in ("step_00000004", "step_00000006"):
-        assert _same_state(straight / "checkpoints" / step, interrupted / "checkpoints" / step)
+    assert _same_state(straight / "checkpoints" / "step_00000006",
+                       interrupted / "checkpoints" / "step_00000006")
     # The restored Adam state was used: a resume with a fresh optimizer would differ here.
-    adam = torch.load(interrupted / "checkpoints" / "step_00000006" / "optimizer.bin",
-                      weights_only=False)
-    assert all(state["step"] == 6 for state in adam["state"].values())
+    state = load_file(interrupted / "checkpoints" / "step_00000006" / "state.safetensors")
+    steps = [value for key, value in state.items()
+             if key.startswith("optimizers/0/state/") and key.endswith("/step")]
+    assert steps and all(step.item() == 6 for step in steps)
 
 
 def _same_state(first: Path, second: Path) -> bool:
-    """Same weights, same Adam moments, same EMA: the two runs are at the same point."""
-    weights = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
-    if weights[0].keys() != weights[1].keys():
-        return False
-    if not all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]):
-        return False
-    adam = [torch.load(f / "optimizer.bin", weights_only=False)["state"] for f in (first, second)]
-    return all(
-        torch.equal(adam[0][i][name], adam[1][i][name])
-        for i in adam[0] for name in ("exp_avg", "exp_avg_sq")
-    )
+    """Same weights, same Adam moments, same EMA, same random states: the two runs are at the
+    same point."""
+    for name in ("state.safetensors", "rng_0.safetensors"):
+        tensors = load_file(first / name), load_file(second / name)
+        if tensors[0].keys() != tensors[1].keys():
+            return False
+        if not all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0]):
+            return False
+    return True
 
 
 def test_adapt_trains_the_guidance_network_and_exports_an_adapted_purifier(

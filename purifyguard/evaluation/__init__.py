@@ -7,13 +7,14 @@
 
 from purifyguard.evaluation.attacks import AttackSpec, default_attacks, parse_attack
 from purifyguard.evaluation.compare import build_defences, compare
-from purifyguard.evaluation.harness import evaluate, evaluate_models
+from purifyguard.evaluation.harness import OutputFolderInUse, evaluate, evaluate_models
 from purifyguard.evaluation.report import markdown_table, validate_report
 from purifyguard.evaluation.sanity import run_sanity_checks
 from purifyguard.evaluation.stats import wilson_interval
 
 __all__ = [
     "AttackSpec",
+    "OutputFolderInUse",
     "build_defences",
     "compare",
     "default_attacks",

@@ -19,6 +19,14 @@ import torch
 import torchattacks
 from torch import nn
 
+from purifyguard.config import SAMPLERS
+from purifyguard.evaluation.arguments import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_name,
+    check_number,
+)
 from purifyguard.evaluation.pgd import NORMS, eot_pgd
 
 KINDS = ("pgd", "autoattack-rand", "bpda", "transfer", "square")
@@ -58,14 +66,27 @@ class AttackSpec:
     n_queries: int = REFERENCE_SQUARE_QUERIES
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"attack kind must be one of {KINDS}, got {self.kind!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if self.gradient not in GRADIENTS:
-            raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
-        if self.eps < 0 or self.steps < 0 or self.eot < 1 or self.n_queries < 1:
-            raise ValueError(f"attack {self.label}: need eps >= 0, steps >= 0, eot >= 1, queries >= 1")
+        """Check every field (ValueError naming it); numbers are stored as plain floats/ints."""
+        where = f"attack {self.name or self.kind!r}: "
+        try:
+            check_choice("kind", self.kind, KINDS)
+            if self.name is not None:
+                check_name("name", self.name)
+            check_choice("norm", self.norm, NORMS)
+            # eps = 0 is allowed: the no-attack point of an eps sweep (see sanity.py).
+            self.eps = check_number("eps", self.eps, non_negative=True)
+            self.steps = check_int("steps", self.steps, 1 if self.kind == "autoattack-rand" else 0)
+            if self.step_size is not None:
+                self.step_size = check_number("step_size", self.step_size, positive=True)
+            self.eot = check_int("eot", self.eot, 1)
+            check_bool("random_start", self.random_start)
+            check_choice("gradient", self.gradient, GRADIENTS)
+            check_choice("surrogate_sampler", self.surrogate_sampler, SAMPLERS)
+            self.surrogate_steps = check_int("surrogate_steps", self.surrogate_steps, 1)
+            check_bool("checkpointing", self.checkpointing)
+            self.n_queries = check_int("n_queries", self.n_queries, 1)
+        except ValueError as error:
+            raise ValueError(where + str(error)) from None
         if self.name is None:
             self.name = self.kind
         if self.kind in ("transfer", "square"):
@@ -123,18 +144,34 @@ class AttackSpec:
 def parse_attack(text: str) -> AttackSpec:
     """An AttackSpec from "kind" or "kind:key=value,key=value" (the command line's syntax).
 
-    Example: "pgd:eps=0.1,steps=20,eot=4,norm=l2,name=pgd-l2".
+    Example: "pgd:eps=0.1,steps=20,eot=4,norm=l2,name=pgd-l2". Unknown keys, repeated keys and
+    values of the wrong type (steps=2.5, eot=many) are refused with a ValueError naming the key.
     """
+    if not isinstance(text, str):
+        raise ValueError(f"an attack string must be a str, got {type(text).__name__}")
     kind, _, rest = text.partition(":")
+    kind = kind.strip()
+    if kind not in KINDS:
+        raise ValueError(f"attack kind must be one of {KINDS}, got {kind!r} in {text!r}")
     fields = {f.name: f for f in dataclasses.fields(AttackSpec)}
+    known = sorted(set(fields) - {"kind"})
     values: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, _, raw = item.partition("=")
+    for item in rest.split(","):
+        if not item.strip():
+            continue
+        key, equals, raw = item.partition("=")
         key = key.strip().replace("-", "_")
+        if not equals:
+            raise ValueError(f"attack setting {item.strip()!r} in {text!r} is not key=value")
         if key not in fields or key == "kind":
-            raise ValueError(f"unknown attack setting {key!r} in {text!r}; known: {sorted(fields)}")
-        values[key] = _parse_value(raw.strip(), fields[key].type)
-    return AttackSpec(kind=kind.strip(), **values)
+            raise ValueError(f"unknown attack setting {key!r} in {text!r}; known: {known}")
+        if key in values:
+            raise ValueError(f"attack setting {key!r} is given twice in {text!r}")
+        try:
+            values[key] = _parse_value(raw.strip(), fields[key].type)
+        except ValueError as error:
+            raise ValueError(f"attack setting {key}={raw.strip()!r} in {text!r}: {error}") from None
+    return AttackSpec(kind=kind, **values)
 
 
 def _parse_value(raw: str, annotation: str) -> Any:
@@ -143,9 +180,19 @@ def _parse_value(raw: str, annotation: str) -> Any:
             raise ValueError(f"expected true or false, got {raw!r}")
         return raw.lower() in ("true", "1", "yes")
     if "float" in annotation:
-        return None if raw.lower() == "none" else float(raw)
+        if "None" in annotation and raw.lower() in ("none", "null"):
+            return None
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"expected a number, got {raw!r}") from None
     if "int" in annotation:
-        return int(raw)
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+    if not raw:
+        raise ValueError("expected a value, got nothing")
     return raw
 
 

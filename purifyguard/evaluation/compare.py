@@ -8,6 +8,12 @@ from typing import Any
 
 from torch import nn
 
+from purifyguard.evaluation.arguments import (
+    check_choice,
+    check_model,
+    check_models,
+    check_number,
+)
 from purifyguard.evaluation.attacks import AttackSpec
 from purifyguard.evaluation.harness import Data, evaluate_models
 from purifyguard.purified_model import PurifiedModel
@@ -34,6 +40,15 @@ def build_defences(
     if unknown:
         raise ValueError(f"scales for unknown guidance modes {sorted(unknown)}; "
                          f"known: {GUIDANCE_VARIANTS}")
+    scales = {mode: check_number(f"scales[{mode!r}]", scale, non_negative=True)
+              for mode, scale in scales.items()}
+    if isinstance(guidance, str):
+        guidance = [guidance]
+    for mode in guidance:
+        check_choice("guidance", mode, GUIDANCE_VARIANTS)
+    check_model("adversarially_trained", adversarially_trained, optional=True)
+    if not isinstance(model, PurifiedModel):
+        raise ValueError(f"build_defences needs a PurifiedModel, got {type(model).__name__}")
     if model.purifier is None:
         raise ValueError("build_defences needs a PurifiedModel with a purifier")
     defences: dict[str, nn.Module] = {"undefended": model.with_purifier(None)}
@@ -62,6 +77,8 @@ def compare(
     (default: each PurifiedModel's own classifier; for other models, defences["undefended"]).
     settings: as for evaluate (n, batch_size, runs, seed, output_dir, resume, sanity, ...).
     """
+    defences = check_models(defences, "defences")
+    check_model("undefended", undefended, optional=True)
     shared = undefended if undefended is not None else defences.get("undefended")
     sources = {
         name: shared if not isinstance(model, PurifiedModel) or undefended is not None else None

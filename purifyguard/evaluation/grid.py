@@ -3,6 +3,7 @@ the model's prediction."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from purifyguard.evaluation.seeds import seed_everything
+from purifyguard.files import write_atomic
 
 
 @torch.no_grad()
@@ -62,7 +64,7 @@ def save_grid(
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    picture = io.BytesIO()
+    figure.savefig(picture, dpi=100, format="png")
     plt.close(figure)
-    return path
+    return write_atomic(path, picture.getvalue())

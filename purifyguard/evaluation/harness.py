@@ -9,6 +9,7 @@ gathered before the report is built.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,10 +22,24 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
+from filelock import FileLock, Timeout
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from purifyguard.evaluation.arguments import (
+    check_attack_list,
+    check_bool,
+    check_class_names,
+    check_data,
+    check_examples,
+    check_int,
+    check_model,
+    check_models,
+    check_name,
+    check_optional_int,
+    check_output_dir,
+)
 from purifyguard.evaluation.attacks import (
     AttackSpec,
     attacked_model,
@@ -38,10 +53,13 @@ from purifyguard.evaluation.report import build_report, write_report
 from purifyguard.evaluation.seeds import derive_seed
 from purifyguard.evaluation.store import CLEAN, BatchStore, batch_key
 from purifyguard.evaluation.verdict import predictions
+from purifyguard.files import check_inside, write_atomic
 
 logger = logging.getLogger(__name__)
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor]
+LOCK_FILE = ".lock"
+ADVERSARIAL_TENSOR = "adversarial"
 
 
 def evaluate(
@@ -72,8 +90,12 @@ def evaluate(
         rerun skips the batches already there.
     undefended: the bare classifier for the transfer attack (taken from a PurifiedModel if None).
     sanity: also run the sanity checks (sanity.py) on the first sanity_n examples.
-    Returns the report (the JSON document, as a dict).
+    Returns the report (the JSON document, as a dict). Every argument is checked before any
+    model runs (ValueError naming it).
     """
+    check_model("model", model)
+    check_name("model_name", model_name)
+    check_model("undefended", undefended, optional=True)
     return evaluate_models(
         {model_name: model}, data, attacks, n=n, batch_size=batch_size, runs=runs, seed=seed,
         output_dir=output_dir, resume=resume, undefended={model_name: undefended},
@@ -98,15 +120,78 @@ def evaluate_models(
     class_names: Sequence[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Several models on the same images, attacks and seeds; one record per model x attack."""
+    """Several models on the same images, attacks and seeds; one record per model x attack.
+
+    Every argument is checked before any model runs (ValueError naming it). While it runs, the
+    output folder is locked: a second evaluation into the same folder fails at once with
+    OutputFolderInUse instead of computing every batch a second time.
+    """
     from purifyguard.evaluation.sanity import run_sanity_checks
 
-    specs = [parse_attack(a) if isinstance(a, str) else a for a in (attacks or default_attacks())]
+    models = check_models(models)
+    check_data(data)
+    specs = check_attack_list(attacks, parse_attack, AttackSpec) or default_attacks()
+    n = check_int("n", n, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    runs = check_int("runs", runs, 1)
+    seed = check_int("seed", seed)
+    output_dir = check_output_dir(output_dir)
+    check_bool("resume", resume)
+    check_bool("sanity", sanity)
+    check_bool("progress", progress)
+    sanity_n = check_optional_int("sanity_n", sanity_n, 1)
+    class_names = check_class_names(class_names)
+    undefended = _check_undefended(undefended, models)
     names = [spec.label for spec in specs]
     if len(set(names)) != len(names) or CLEAN in names:
         raise ValueError(f"attack names must be unique and not {CLEAN!r}, got {names}")
     images, labels = select_examples(data, n)
+    images = check_examples(images, labels, class_names)
+    if len(labels) < n:
+        logger.warning("n=%d, but the data holds %d examples: evaluating those %d",
+                       n, len(labels), len(labels))
     state = _distributed_state()
+    with _folder_lock(output_dir, state.is_main_process):
+        return _evaluate(models, images, labels, specs, batch_size=batch_size, runs=runs,
+                         seed=seed, output_dir=output_dir, resume=resume, undefended=undefended,
+                         sanity=sanity, sanity_n=sanity_n, class_names=class_names,
+                         progress=progress, state=state, run_sanity_checks=run_sanity_checks)
+
+
+class OutputFolderInUse(RuntimeError):
+    """Another evaluation is writing into the same output folder."""
+
+
+@contextlib.contextmanager
+def _folder_lock(output_dir: Path | None, is_main: bool):
+    """Hold output_dir/.lock for the duration (main process only: the other processes of the
+    same accelerate run write into the folder too). The lock is the operating system's, so a
+    killed run leaves nothing behind that blocks the next one."""
+    if output_dir is None or not is_main:
+        yield
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(output_dir / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputFolderInUse(
+            f"output folder {output_dir} is in use by another evaluation (its lock file "
+            f"{output_dir / LOCK_FILE} is held); wait for that one to finish or give another "
+            "output_dir (--output-dir)"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _evaluate(
+    models: dict[str, nn.Module], images: torch.Tensor, labels: torch.Tensor,
+    specs: list[AttackSpec], *, batch_size: int, runs: int, seed: int, output_dir: Path | None,
+    resume: bool, undefended: dict[str, nn.Module | None], sanity: bool, sanity_n: int | None,
+    class_names: Sequence[str] | None, progress: bool, state: PartialState, run_sanity_checks,
+) -> dict[str, Any]:
     settings = {
         "seed": seed, "n": len(labels), "batch_size": batch_size, "runs": runs,
         "data_fingerprint": fingerprint(images, labels),
@@ -114,7 +199,6 @@ def evaluate_models(
     store = BatchStore(output_dir, state.process_index)
     store.start(settings, resume, state.is_main_process)
     state.wait_for_everyone()
-    undefended = undefended or {}
     descriptions = {name: describe_model(model) for name, model in models.items()}
     new_records = []
     started = time.perf_counter()
@@ -139,7 +223,7 @@ def evaluate_models(
             name: run_sanity_checks(
                 model, (images, labels), specs, n=sanity_n or min(len(labels), 64),
                 batch_size=batch_size, runs=runs, seed=seed, undefended=undefended.get(name),
-                output_dir=None if output_dir is None else Path(output_dir) / "sanity" / name,
+                output_dir=None if output_dir is None else output_dir / "sanity" / name,
                 resume=resume, progress=progress,
             )
             for name, model in models.items()
@@ -155,6 +239,23 @@ def evaluate_models(
             for spec in specs:
                 _grid(model, model_name, spec, images, labels, output_dir, seed, class_names)
     return report
+
+
+def _check_undefended(value: Any, models: dict[str, nn.Module]) -> dict[str, nn.Module | None]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"undefended must be a dict of model name -> bare classifier (or None), got "
+            f"{type(value).__name__}"
+        )
+    unknown = sorted(set(value) - set(models), key=str)
+    if unknown:
+        raise ValueError(f"undefended names models that are not evaluated: {unknown}; "
+                         f"models: {sorted(models)}")
+    for name, model in value.items():
+        check_model(f"undefended[{name!r}]", model, optional=True)
+    return dict(value)
 
 
 def _run_batches(
@@ -201,14 +302,35 @@ def _run_batches(
 
 def select_examples(data: Data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n examples as (images in [0, 1], labels)."""
+    n = check_int("n", n, 1)
     if isinstance(data, (tuple, list)):
         images, labels = data
-        return images[:n].float(), torch.as_tensor(labels[:n]).long()
-    if hasattr(data, "tensors"):
-        return data.tensors(min(n, len(data)))
-    count = min(n, len(data))
-    pairs = [data[i] for i in range(count)]
-    return torch.stack([p[0] for p in pairs]), torch.tensor([int(p[1]) for p in pairs])
+        images, labels = images[:n], torch.as_tensor(labels[:n])
+    elif hasattr(data, "tensors"):
+        images, labels = data.tensors(min(n, len(data)))
+    else:
+        pairs = [data[i] for i in range(min(n, len(data)))]
+        if not all(isinstance(p, (tuple, list)) and len(p) >= 2 for p in pairs):
+            raise ValueError("data must yield (image, label) pairs")
+        if not all(isinstance(p[0], torch.Tensor) for p in pairs):
+            kind = next(type(p[0]).__name__ for p in pairs if not isinstance(p[0], torch.Tensor))
+            raise ValueError(f"data's images must be torch.Tensors (C, H, W), got {kind}")
+        shapes = {tuple(p[0].shape) for p in pairs}
+        if len(shapes) != 1:
+            raise ValueError(f"data's images differ in shape: {sorted(shapes)[:3]}")
+        try:
+            labels = torch.tensor([int(p[1]) for p in pairs])
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"data's labels must be integer class indices: {error}") from None
+        images = torch.stack([p[0] for p in pairs])
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        raise ValueError(
+            "data's images must be floating point in [0, 1], got "
+            f"{getattr(images, 'dtype', type(images).__name__)}"
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"data's labels must be integer class indices, got dtype {labels.dtype}")
+    return images.float(), labels.long()
 
 
 def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
@@ -263,18 +385,51 @@ def _undefended_of(model: nn.Module) -> nn.Module | None:
     return model if model.purifier is None else model.with_purifier(None)
 
 
+def _adversarial_path(output_dir: str | Path, model_name: str, attack_name: str) -> Path:
+    """Where the first batch's adversarial images go: safetensors, never a pickle (a planted
+    pickle would run code when loaded)."""
+    return Path(output_dir) / "adversarial" / f"{model_name}--{attack_name}--batch0.safetensors"
+
+
 def _save_adversarial(output_dir, model_name: str, attack_name: str, x_adv: torch.Tensor) -> None:
-    path = Path(output_dir) / "adversarial" / f"{model_name}--{attack_name}--batch0.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(x_adv.detach().cpu(), path)
+    from safetensors.torch import save
+
+    path = _adversarial_path(output_dir, model_name, attack_name)
+    write_atomic(path, save({ADVERSARIAL_TENSOR: x_adv.detach().cpu().float().contiguous()}))
+
+
+def _load_adversarial(path: Path, output_dir: str | Path, like: torch.Tensor) -> torch.Tensor:
+    """The stored adversarial batch, checked against the clean images it belongs to."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_inside(path, Path(output_dir), "adversarial image file")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(
+            f"adversarial image file {path} cannot be read ({error}); delete it or rerun with "
+            "resume=False (--no-resume)"
+        ) from None
+    adversarial = tensors.get(ADVERSARIAL_TENSOR)
+    if (adversarial is None or not adversarial.is_floating_point()
+            or adversarial.dim() != 4 or adversarial.shape[1:] != like.shape[1:]
+            or len(adversarial) < min(len(like), 1) or not torch.isfinite(adversarial).all()
+            or adversarial.min() < 0 or adversarial.max() > 1):
+        raise ValueError(
+            f"adversarial image file {path} does not hold a batch of images in [0, 1] shaped "
+            f"like the evaluated ones {tuple(like.shape[1:])}; delete it or rerun with resume=False "
+            "(--no-resume)"
+        )
+    return adversarial
 
 
 def _grid(model, model_name, spec, images, labels, output_dir, seed, class_names) -> None:
-    path = Path(output_dir) / "adversarial" / f"{model_name}--{spec.label}--batch0.pt"
+    path = _adversarial_path(output_dir, model_name, spec.label)
     if not path.exists():
         return
-    adversarial = torch.load(path)
-    count = min(8, len(adversarial))
+    adversarial = _load_adversarial(path, output_dir, images)
+    count = min(8, len(adversarial), len(images))
     save_grid(
         model, images[:count], adversarial[:count], labels[:count],
         Path(output_dir) / f"grid-{model_name}-{spec.label}.png",

@@ -3,7 +3,6 @@ docs/evaluation.md), and the same numbers as a Markdown table."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from purifyguard.evaluation.attacks import AttackSpec
 from purifyguard.evaluation.stats import wilson_interval
 from purifyguard.evaluation.store import batch_key
 from purifyguard.evaluation.verdict import accuracy_summary
+from purifyguard.files import write_atomic, write_json
 
 SCHEMA_VERSION = 1
 _NUMBER = (int, float)
@@ -176,8 +176,8 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], output_dir: str | Path) -> None:
-    """report.json and report.md in output_dir."""
+    """report.json and report.md in output_dir, each written atomically: a full disk or a crash
+    leaves the previous file (or none), never a partial one."""
     folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / "report.md").write_text(markdown_table(report))
+    write_json(folder / "report.json", report)
+    write_atomic(folder / "report.md", markdown_table(report))

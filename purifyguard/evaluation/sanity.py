@@ -21,8 +21,19 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from purifyguard.evaluation.attacks import AttackSpec
+from purifyguard.evaluation.arguments import (
+    check_attack_list,
+    check_bool,
+    check_data,
+    check_examples,
+    check_int,
+    check_model,
+    check_number,
+    check_output_dir,
+)
+from purifyguard.evaluation.attacks import AttackSpec, parse_attack
 from purifyguard.evaluation.pgd import eot_gradient
 from purifyguard.evaluation.seeds import derive_seed, seed_everything
 from purifyguard.evaluation.stats import difference_tolerance
@@ -32,19 +43,35 @@ MAX_ZERO_GRADIENT_FRACTION = 0.5
 
 
 def run_sanity_checks(
-    model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], attacks: Sequence[AttackSpec], *,
+    model: nn.Module, data: tuple[torch.Tensor, torch.Tensor] | Dataset,
+    attacks: Sequence[AttackSpec | str] | None, *,
     n: int = 64, batch_size: int = 64, runs: int = 5, seed: int = 0,
     undefended: nn.Module | None = None, output_dir: str | Path | None = None,
     resume: bool = True, large_eps: float | None = None, progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run the checks with the first gradient attack in `attacks` as the base; a list of
-    {"check", "passed", "message", "values"}."""
-    from purifyguard.evaluation.harness import evaluate
+    """Run the checks with the first gradient attack in `attacks` as the base (default: PGD at
+    the default setting); a list of {"check", "passed", "message", "values"}. Arguments are
+    checked first, as for evaluate."""
+    from purifyguard.evaluation.harness import evaluate, select_examples
 
+    check_model("model", model)
+    check_data(data)
+    attacks = check_attack_list(attacks, parse_attack, AttackSpec) or []
+    n = check_int("n", n, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("runs", runs, 1)
+    check_int("seed", seed)
+    check_model("undefended", undefended, optional=True)
+    check_output_dir(output_dir)
+    check_bool("resume", resume)
+    check_bool("progress", progress)
+    if large_eps is not None:
+        large_eps = check_number("large_eps", large_eps, positive=True)
     base = next((a for a in attacks if a.kind in ("pgd", "bpda")), None) or AttackSpec("pgd")
     # Full gradients, step eps / 4 at every eps of the sweep.
     base = base.replace(kind="pgd", gradient="full", step_size=None)
-    images, labels = data[0][:n], data[1][:n]
+    images, labels = select_examples(data, n)
+    images = check_examples(images, labels, None)
     large = large_eps or (1.0 if base.norm == "linf" else float(images[0].numel()) ** 0.5)
     sweep = sorted({0.0, base.eps / 2, base.eps, 2 * base.eps, large})
     more_steps = max(2 * base.steps, 2)

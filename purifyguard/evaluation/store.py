@@ -3,7 +3,8 @@
 Each process appends to its own file (batches-<process>.jsonl) so processes never interleave
 writes; a line cut short by a crash is ignored on reading and its batch simply runs again.
 `run.json` holds the settings the stored batches were computed with: a rerun with other
-settings refuses to mix them.
+settings refuses to mix them. run.json is written atomically (complete or absent), and a
+stored line that is JSON but not a batch record stops the run with an error naming the file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from purifyguard.evaluation.attacks import AttackSpec
+from purifyguard.files import read_json, write_json
 
 RUN_FILE = "run.json"
 CLEAN = "clean"
@@ -37,9 +39,11 @@ class BatchStore:
         self.folder = Path(folder) if folder is not None else None
         self.process_index = process_index
         self.records: dict[str, dict[str, Any]] = {}
+        self.settings: dict[str, Any] | None = None
 
     def start(self, settings: dict[str, Any], resume: bool, is_main: bool) -> None:
         """Check (or write) the run's settings; without resume, forget earlier batches."""
+        self.settings = settings
         if self.folder is None:
             return
         run_file = self.folder / RUN_FILE
@@ -49,25 +53,51 @@ class BatchStore:
                 for old in self.folder.glob("batches-*.jsonl"):
                     old.unlink()
             elif run_file.exists():
-                stored = json.loads(run_file.read_text())
+                try:
+                    stored = read_json(run_file, "the evaluation settings file")
+                except ValueError as error:
+                    raise ValueError(
+                        f"{error}; it cannot tell which settings the stored batches were computed "
+                        "with: rerun with resume=False (--no-resume) to start over, or use "
+                        "another output folder"
+                    ) from None
                 if stored != settings:
                     raise ValueError(
                         f"{self.folder} holds batches computed with other settings "
                         f"({_difference(stored, settings)}); use another output folder or "
                         "resume=False (--no-resume) to start over"
                     )
-            run_file.write_text(json.dumps(settings, indent=2) + "\n")
+            elif any(self.folder.glob("batches-*.jsonl")):
+                raise ValueError(
+                    f"{self.folder} holds stored batches but no {RUN_FILE} saying which settings "
+                    "they were computed with; rerun with resume=False (--no-resume) to start "
+                    "over, or use another output folder"
+                )
+            write_json(run_file, settings)
 
     def load(self) -> None:
-        """Read every process's finished batches (a shared folder shows all of them)."""
+        """Read every process's finished batches (a shared folder shows all of them).
+
+        A line that is not JSON was cut short by an interruption: it is skipped and its batch
+        runs again. A line that is JSON but not a batch record was written by something else:
+        ValueError naming the file and line."""
         if self.folder is None:
             return
         for path in sorted(self.folder.glob("batches-*.jsonl")):
-            for line in path.read_text().splitlines():
+            text = path.read_text(encoding="utf-8", errors="replace")
+            for number, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by an interruption
+                problem = _record_problem(record, self.settings)
+                if problem:
+                    raise ValueError(
+                        f"{path}, line {number}: not a stored evaluation batch ({problem}); "
+                        "remove the line or the file, or rerun with resume=False (--no-resume)"
+                    )
                 self.records[record["key"]] = record
 
     def __contains__(self, key: str) -> bool:
@@ -85,6 +115,54 @@ class BatchStore:
             file.write(json.dumps(record) + "\n")
             file.flush()
             os.fsync(file.fileno())
+
+
+def _record_problem(record: Any, settings: dict[str, Any] | None) -> str | None:
+    """What makes a parsed line not a batch record of this run, or None if it is one."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    for key, kind in _RECORD_FIELDS.items():
+        if key not in record:
+            return f"no {key!r}"
+        if not _is(record[key], kind):
+            return f"{key!r} is {record[key]!r}"
+    labels = record["labels"]
+    if not labels or not all(_is(y, int) for y in labels):
+        return "'labels' must be a non-empty list of integers"
+    indices = record["indices"]
+    if len(indices) != 2 or not all(_is(i, int) for i in indices) \
+            or indices[1] - indices[0] != len(labels):
+        return f"'indices' {indices!r} do not span its {len(labels)} labels"
+    runs = settings.get("runs") if settings else None
+    predictions = record["predictions"]
+    shape_ok = (
+        isinstance(predictions, list) and predictions
+        and (runs is None or len(predictions) == runs)
+        and all(isinstance(row, list) and len(row) == len(labels) and all(_is(p, int) for p in row)
+                for row in predictions)
+    )
+    if not shape_ok:
+        wanted = f"{runs if runs is not None else 'R'} x {len(labels)}"
+        return f"'predictions' must be a {wanted} list of lists of class indices"
+    if record["attack"] != CLEAN:
+        sizes = record.get("perturbation")
+        if not isinstance(sizes, list) or len(sizes) != len(labels) or not all(
+            _is(s, float) for s in sizes
+        ):
+            return f"'perturbation' must be a list of {len(labels)} numbers"
+    return None
+
+
+_RECORD_FIELDS = {"key": str, "model": str, "attack": str, "batch": int, "indices": list,
+                  "labels": list, "predictions": list, "seconds": float}
+
+
+def _is(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
 
 
 def _last_byte(path: Path) -> bytes:

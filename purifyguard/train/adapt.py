@@ -32,7 +32,16 @@ from purifyguard.hub import load_guidance_network
 from purifyguard.purified_model import PurifiedModel
 from purifyguard.purifier import Purifier
 from purifyguard.registry import load_purifier
-from purifyguard.train.options import add_common_arguments, parse_with_config
+from purifyguard.train.options import (
+    add_common_arguments,
+    non_negative_float,
+    non_negative_int,
+    parse_with_config,
+    positive_float,
+    positive_int,
+    text,
+    unit_interval,
+)
 from purifyguard.train.run import TrainingRun
 
 MIN_SCALE = 1e-3
@@ -43,20 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     parser.set_defaults(lr=1e-4, batch_size=32)
-    parser.add_argument("--purifier", required=True, help="purifier folder (save_pretrained), "
-                        "registered name or Hub repo id, with adversarial guidance")
-    parser.add_argument("--classifier", required=True,
+    parser.add_argument("--purifier", type=text, required=True, help="purifier folder "
+                        "(save_pretrained), registered name or Hub repo id, with adversarial "
+                        "guidance")
+    parser.add_argument("--classifier", type=text, required=True,
                         help="folder of a timm classifier (as the guidance routine exports it)")
-    parser.add_argument("--eps", type=float, default=0.1, help="L-inf radius of the attack")
-    parser.add_argument("--attack-steps", type=int, default=3, help="PGD steps per batch")
-    parser.add_argument("--attack-step-size", type=float,
+    parser.add_argument("--eps", type=non_negative_float, default=0.1,
+                        help="L-inf radius of the attack")
+    parser.add_argument("--attack-steps", type=non_negative_int, default=3,
+                        help="PGD steps per batch")
+    parser.add_argument("--attack-step-size", type=positive_float,
                         help="default: 2.5 * eps / attack_steps")
-    parser.add_argument("--train-sampler", default="ddim", choices=SAMPLERS,
+    parser.add_argument("--train-sampler", type=text, default="ddim", choices=SAMPLERS,
                         help="sampler of the few-step process used for the attack and training")
-    parser.add_argument("--train-steps", type=int, default=2, help="its number of steps (ddim)")
-    parser.add_argument("--clean-weight", type=float, default=0.5,
+    parser.add_argument("--train-steps", type=positive_int, default=2,
+                        help="its number of steps (ddim)")
+    parser.add_argument("--clean-weight", type=unit_interval, default=0.5,
                         help="weight of the clean CE; the adversarial CE gets 1 - this")
-    parser.add_argument("--scale-lr", type=float, default=0.01,
+    parser.add_argument("--scale-lr", type=positive_float, default=0.01,
                         help="Adam learning rate of the guidance scale (absolute units of s)")
     return parser
 
@@ -96,8 +109,6 @@ def pgd_through_purifier(
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_with_config(build_parser(), argv)
-    if not 0 <= args.clean_weight <= 1:
-        raise ValueError(f"--clean-weight must lie in [0, 1], got {args.clean_weight}")
     run = TrainingRun(args, "adapt", argv)
     step_size = args.attack_step_size or 2.5 * args.eps / max(args.attack_steps, 1)
     defended = load_purifier(args.purifier)
@@ -123,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         {"params": [p for p in network.parameters() if p.requires_grad], "lr": args.lr},
         {"params": [purifier.guidance_scale], "lr": args.scale_lr},
     ])
-    model, optimizer, loader = run.accelerator.prepare(model, optimizer, run.loader(dataset))
+    model, optimizer, loader = run.prepare(model, optimizer, run.loader(dataset))
     start = run.resume()
     batches = run.batches(loader)
     attacked = run.accelerator.unwrap_model(model)  # the attack's backward skips DDP's hooks

@@ -9,7 +9,6 @@ The export (output_dir/final) is an unguided purifier in the Hub layout.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
@@ -18,8 +17,17 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from purifyguard.data import load_dataset
+from purifyguard.files import read_json
 from purifyguard.purifier import Purifier
-from purifyguard.train.options import add_common_arguments, int_list, parse_with_config
+from purifyguard.train.options import (
+    add_common_arguments,
+    decay_rate,
+    int_list,
+    parse_with_config,
+    positive_int,
+    positive_int_list,
+    text,
+)
 from purifyguard.train.run import TrainingRun
 
 
@@ -27,25 +35,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="purifyguard train diffusion", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--unet-config", help="JSON file of UNet2DModel settings (overrides below)")
-    parser.add_argument("--image-size", type=int, default=28)
-    parser.add_argument("--channels", type=int, default=1)
-    parser.add_argument("--block-out-channels", type=int_list, default=(32, 64, 64))
-    parser.add_argument("--layers-per-block", type=int, default=1)
+    parser.add_argument("--unet-config", type=text,
+                        help="JSON file of UNet2DModel settings (overrides below)")
+    parser.add_argument("--image-size", type=positive_int, default=28)
+    parser.add_argument("--channels", type=positive_int, default=1)
+    parser.add_argument("--block-out-channels", type=positive_int_list, default=(32, 64, 64))
+    parser.add_argument("--layers-per-block", type=positive_int, default=1)
     parser.add_argument("--attention-levels", type=int_list, default=(1,),
                         help="which resolution levels (0 = full) carry self-attention")
-    parser.add_argument("--num-train-timesteps", type=int, default=1000)
-    parser.add_argument("--beta-schedule", default="linear")
-    parser.add_argument("--t-max", type=int, help="train only t in [1, t_max] (default: all)")
-    parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--export-t-star", type=int, default=100, help="t* of the export")
+    parser.add_argument("--num-train-timesteps", type=positive_int, default=1000)
+    parser.add_argument("--beta-schedule", type=text, default="linear")
+    parser.add_argument("--t-max", type=positive_int,
+                        help="train only t in [1, t_max] (default: all)")
+    parser.add_argument("--ema-decay", type=decay_rate, default=0.999)
+    parser.add_argument("--export-t-star", type=positive_int, default=100,
+                        help="t* of the export")
     return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, checked (argparse's exit status 2 for a bad one)."""
+    parser = build_parser()
+    args = parse_with_config(parser, argv)
+    if args.t_max is not None and args.t_max > args.num_train_timesteps:
+        parser.error(f"argument --t-max: expected an integer in [1, {args.num_train_timesteps}] "
+                     f"(--num-train-timesteps), got {args.t_max}")
+    return args
 
 
 def build_unet(args: argparse.Namespace) -> UNet2DModel:
     if args.unet_config:
-        with open(args.unet_config) as handle:
-            return UNet2DModel(**json.load(handle))
+        return UNet2DModel(**read_json(args.unet_config, "UNet config"))
     levels = range(len(args.block_out_channels))
     return UNet2DModel(
         sample_size=args.image_size,
@@ -64,23 +84,21 @@ def build_unet(args: argparse.Namespace) -> UNet2DModel:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_with_config(build_parser(), argv)
+    args = parse_args(argv)
     run = TrainingRun(args, "diffusion", argv)
     scheduler = DDPMScheduler(
         num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule
     )
-    t_max = args.t_max or args.num_train_timesteps
-    if not 1 <= t_max <= args.num_train_timesteps:
-        raise ValueError(f"--t-max must lie in [1, {args.num_train_timesteps}], got {t_max}")
+    t_max = args.num_train_timesteps if args.t_max is None else args.t_max
     dataset = load_dataset(args.data, args.data_root, train=True, image_size=args.image_size)
 
     unet = build_unet(args)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DModel,
                    model_config=unet.config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    unet, optimizer, loader = run.accelerator.prepare(unet, optimizer, run.loader(dataset))
+    unet, optimizer, loader = run.prepare(unet, optimizer, run.loader(dataset))
     ema.to(run.device)
-    run.accelerator.register_for_checkpointing(ema)
+    run.register("ema", ema)
     start = run.resume()
     batches = run.batches(loader)
 

@@ -14,7 +14,6 @@ the network as safetensors with its timm architecture and kwargs.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -22,9 +21,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from purifyguard.data import load_dataset
+from purifyguard.files import write_atomic, write_json
 from purifyguard.hub import create_guidance_network, load_guidance_network, save_guidance_network
 from purifyguard.model_card import network_card
-from purifyguard.train.options import add_common_arguments, parse_with_config
+from purifyguard.train.options import (
+    add_common_arguments,
+    json_object,
+    non_negative_float,
+    non_negative_int,
+    parse_with_config,
+    positive_float,
+    positive_int,
+    text,
+)
 from purifyguard.train.run import TrainingRun
 
 
@@ -32,21 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="purifyguard train guidance", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--model", default="resnet18", help="timm architecture name")
-    parser.add_argument("--model-kwargs", type=json.loads, default={},
+    parser.add_argument("--model", type=text, default="resnet18", help="timm architecture name")
+    parser.add_argument("--model-kwargs", type=json_object, default={},
                         help='JSON of extra timm.create_model kwargs, e.g. {"channels": [16, 32, 64, 128]}')
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--in-chans", type=int, default=1)
-    parser.add_argument("--eps", type=float, default=0.1, help="L-inf radius of the threat model")
-    parser.add_argument("--beta", type=float, default=6.0, help="weight of the TRADES KL term")
-    parser.add_argument("--pgd-steps", type=int, default=10)
-    parser.add_argument("--pgd-step-size", type=float, help="default: eps / 4")
-    parser.add_argument("--teacher", help="folder of a saved timm classifier whose clean "
-                        "predictions become the targets")
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--num-classes", type=positive_int, default=10)
+    parser.add_argument("--in-chans", type=positive_int, default=1)
+    parser.add_argument("--eps", type=non_negative_float, default=0.1,
+                        help="L-inf radius of the threat model")
+    parser.add_argument("--beta", type=non_negative_float, default=6.0,
+                        help="weight of the TRADES KL term")
+    parser.add_argument("--pgd-steps", type=non_negative_int, default=10)
+    parser.add_argument("--pgd-step-size", type=positive_float, help="default: eps / 4")
+    parser.add_argument("--teacher", type=text, help="folder of a saved timm classifier whose "
+                        "clean predictions become the targets")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=5e-4)
     parser.add_argument("--augment", action="store_true",
                         help="random crops (2-pixel padding) and horizontal flips")
-    parser.add_argument("--eval-images", type=int, default=10000,
+    parser.add_argument("--eval-images", type=positive_int, default=10000,
                         help="test images for the final clean accuracy")
     return parser
 
@@ -103,7 +114,8 @@ def trades_loss(
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_with_config(build_parser(), argv)
-    run = TrainingRun(args, "guidance", argv)
+    # The one-cycle schedule is built for --steps: a resumed run must keep it.
+    run = TrainingRun(args, "guidance", argv, extendable=False)
     step_size = args.pgd_step_size or args.eps / 4
     dataset = load_dataset(args.data, args.data_root, train=True)
     model = create_guidance_network(
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                                 weight_decay=args.weight_decay, nesterov=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr,
                                                    total_steps=args.steps, pct_start=0.15)
-    model, optimizer, loader, schedule = run.accelerator.prepare(
+    model, optimizer, loader, schedule = run.prepare(
         model, optimizer, run.loader(dataset), schedule
     )
     start = run.resume()
@@ -162,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         architecture, kwargs = save_guidance_network(model, final)
         metrics = {"clean test accuracy": accuracy, "test images": args.eval_images}
         training = run.training_record(**_objective(args, step_size))
-        (final / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (final / "README.md").write_text(network_card(
+        write_json(final / "metrics.json", metrics)
+        write_atomic(final / "README.md", network_card(
             architecture, kwargs, title=f"{architecture} trained by purifyguard",
             description=_objective(args, step_size)["objective"], training=training,
             metrics=metrics,

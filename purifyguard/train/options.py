@@ -1,69 +1,299 @@
-"""Command-line options shared by the training routines, and config files standing in for flags."""
+"""Command-line options shared by the training routines, and config files standing in for flags.
+
+Every numeric option has a small checking `type` (positive_int, finite_float, ...): a bad value
+stops the run before any work starts, with a message naming the option, the value and what was
+expected. Values from a --config file go through the same checks (argparse alone would take a
+file's defaults as they are).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from purifyguard.files import read_json
+
+# Options that do not change what a run computes: --resume may differ in these from the run it
+# continues. Every other option defines the run (see TrainingRun and defining_options).
+NOT_DEFINING = frozenset({
+    "resume", "no_progress", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers",
+    "output_dir", "config", "data_root",
+})
+
+
+# --- argparse types: each takes the flag's text, or a value from a config file ---------------
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}")
+
+
+def _real(value: Any) -> float:
+    if isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    else:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def integer(value: Any) -> int:
+    """Any integer."""
+    return _integer(value)
+
+
+def positive_int(value: Any) -> int:
+    """An integer >= 1."""
+    number = _integer(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return number
+
+
+def non_negative_int(value: Any) -> int:
+    """An integer >= 0."""
+    number = _integer(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
+def finite_float(value: Any) -> float:
+    """Any finite number."""
+    return _real(value)
+
+
+def positive_float(value: Any) -> float:
+    """A finite number > 0."""
+    number = _real(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value!r}")
+    return number
+
+
+def non_negative_float(value: Any) -> float:
+    """A finite number >= 0."""
+    number = _real(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
+    return number
+
+
+def unit_interval(value: Any) -> float:
+    """A number in [0, 1]."""
+    number = _real(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
+    return number
+
+
+def decay_rate(value: Any) -> float:
+    """A number in [0, 1): an exponential moving average's decay."""
+    number = _real(value)
+    if not 0 <= number < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}")
+    return number
+
+
+def text(value: Any) -> str:
+    """A string (a config file's number is not taken for a name or a path)."""
+    if not isinstance(value, str):
+        raise argparse.ArgumentTypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _int_list(value: Any, least: int) -> tuple[int, ...]:
+    parts = value if isinstance(value, (list, tuple)) else (
+        str(value).split(",") if isinstance(value, (str, int)) and not isinstance(value, bool)
+        else None
+    )
+    if parts is None:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}")
+    parts = [part for part in parts if not (isinstance(part, str) and not part.strip())]
+    try:
+        numbers = tuple(_integer(part) for part in parts)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {value!r}") from None
+    if any(number < least for number in numbers):
+        raise argparse.ArgumentTypeError(f"expected integers >= {least}, got {value!r}")
+    return numbers
+
+
+def int_list(value: Any) -> tuple[int, ...]:
+    """'32,64,64' (or a list) -> (32, 64, 64); integers >= 0."""
+    return _int_list(value, 0)
+
+
+def positive_int_list(value: Any) -> tuple[int, ...]:
+    """'32,64,64' (or a list) -> (32, 64, 64); integers >= 1, at least one."""
+    numbers = _int_list(value, 1)
+    if not numbers:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {value!r}")
+    return numbers
+
+
+def json_object(value: Any) -> dict[str, Any]:
+    """A JSON object given as text ('{"channels": [16, 32]}') or, in a config file, a mapping."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}: {error}") \
+                from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    return value
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every routine has: data, optimisation, precision, seed, checkpoints, logging."""
     parser.add_argument("--config", help="YAML or JSON file of options; flags given too win")
-    parser.add_argument("--data", default="fashion-mnist",
+    parser.add_argument("--data", type=text, default="fashion-mnist",
                         help="fashion-mnist, cifar10, cifar100 or imagefolder")
-    parser.add_argument("--data-root", help="data folder (for Fashion-MNIST: the IDX files)")
-    parser.add_argument("--output-dir", default="runs/train", help="checkpoints, logs, export")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps in all")
-    parser.add_argument("--batch-size", type=int, default=64, help="per process")
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=200, help="steps")
-    parser.add_argument("--keep-checkpoints", type=int, default=2)
-    parser.add_argument("--log-every", type=int, default=10, help="steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--data-root", type=text,
+                        help="data folder (for Fashion-MNIST: the IDX files)")
+    parser.add_argument("--output-dir", type=text, default="runs/train",
+                        help="checkpoints, logs, export")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps in all")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="per process")
+    parser.add_argument("--lr", type=positive_float, default=2e-4)
+    parser.add_argument("--grad-accum", type=positive_int, default=1,
+                        help="micro-batches per step")
+    parser.add_argument("--mixed-precision", type=text, default="no",
+                        choices=["no", "fp16", "bf16"])
+    parser.add_argument("--seed", type=integer, default=0)
+    parser.add_argument("--checkpoint-every", type=positive_int, default=200, help="steps")
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=2)
+    parser.add_argument("--log-every", type=positive_int, default=10, help="steps")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest intact checkpoint (same options)")
+    parser.add_argument("--num-workers", type=non_negative_int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse flags; a --config file supplies defaults that explicit flags override."""
+    """Parse flags; a --config file supplies defaults that explicit flags override.
+
+    Every value of the file is checked and converted by its option's own type and choices (a
+    flag needs true or false), so a file is held to what the command line is held to; an error
+    names the option, the value and the file (argparse's exit status 2)."""
     config_only = argparse.ArgumentParser(add_help=False)
     config_only.add_argument("--config")
     first, _ = config_only.parse_known_args(argv)
     if first.config:
-        values = load_config_file(first.config)
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
+        try:
+            values = load_config_file(first.config)
+        except (OSError, ValueError) as error:
+            parser.error(str(error))
+        actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+        unknown = sorted(set(values) - set(actions))
         if unknown:
             parser.error(f"unknown options in {first.config}: {unknown}")
-        parser.set_defaults(**values)
+        if "config" in values:
+            parser.error(f"{first.config}: a config file cannot name another (config: ...)")
+        defaults = {}
+        for dest, value in values.items():
+            try:
+                defaults[dest] = _config_value(actions[dest], value)
+            except argparse.ArgumentTypeError as error:
+                parser.error(f"option {_flag(actions[dest])} ({dest}) in {first.config}: {error}")
+        parser.set_defaults(**defaults)
         for action in parser._actions:  # a required option the file supplies is supplied
             if action.dest in values:
                 action.required = False
     return parser.parse_args(argv)
 
 
+def _config_value(action: argparse.Action, value: Any) -> Any:
+    """A config file's value as the flag would give it, or ArgumentTypeError."""
+    if action.nargs == 0:  # store_true / store_false: the file says true or false
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+        return value
+    if value is None and action.default is None:  # "t_max: null" = the option's default
+        return None
+    convert: Callable[[Any], Any] = action.type or text
+    try:
+        converted = convert(value)
+    except (TypeError, ValueError) as error:  # a plain type such as int (ArgumentTypeError passes)
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: {error}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice {value!r} (choose from {', '.join(map(str, action.choices))})"
+        )
+    return converted
+
+
+def _flag(action: argparse.Action) -> str:
+    longs = [option for option in action.option_strings if option.startswith("--")]
+    return (longs or action.option_strings or [action.dest])[0]
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Options from YAML or JSON; keys may use dashes or underscores."""
+    """Options from YAML or JSON; keys may use dashes or underscores. ValueError naming the file
+    when it is empty, not valid YAML/JSON, or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
     if path.suffix == ".json":
-        values = json.loads(text)
+        values = read_json(path, "config file")
     else:
         import yaml
 
-        values = yaml.safe_load(text) or {}
+        text_ = path.read_text(encoding="utf-8", errors="replace")
+        if not text_.strip():
+            raise ValueError(f"config file {path} is empty")
+        try:
+            values = yaml.safe_load(text_)
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {path} is not valid YAML: {error}") from None
+        if values is None:
+            raise ValueError(f"config file {path} holds no options")
     if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of option names to values")
+        raise ValueError(f"config file {path} must hold a mapping of option names to values, "
+                         f"got {type(values).__name__}")
+    if not all(isinstance(key, str) for key in values):
+        raise ValueError(f"config file {path}: option names must be strings, got "
+                         f"{[key for key in values if not isinstance(key, str)]}")
     return {key.replace("-", "_"): value for key, value in values.items()}
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    """'32,64,64' -> (32, 64, 64)."""
-    return tuple(int(part) for part in str(text).split(",") if part)
+def defining_options(args: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
+    """The options that define what a run computes, as JSON values (tuples become lists)."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    kept = {key: value for key, value in values.items() if key not in NOT_DEFINING}
+    return json.loads(json.dumps(kept, default=str))
+
+
+def option_differences(
+    saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = frozenset()
+) -> list[str]:
+    """One line per defining option that differs: '--seed: 0 in the checkpoint, 1 now'.
+    An option only one side knows (one added or removed by another version) is not compared,
+    nor are the options in `ignore`."""
+    saved, current = defining_options(saved), defining_options(current)
+    return [
+        f"--{key.replace('_', '-')}: {saved[key]!r} in the checkpoint, {current[key]!r} now"
+        for key in sorted(set(saved) & set(current) - ignore) if saved[key] != current[key]
+    ]
