@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from purifyguard.files import read_json, write_json
+from purifyguard.validation import check_bool, check_int
 
 CONFIG_VERSION = 1
 
@@ -164,36 +165,31 @@ class PurifierConfig:
         return cls.from_dict(read_json(path, "purifier config"), path)
 
 
-# The type of each setting: "int" and "float" refuse bools and strings, "bool" refuses the
-# strings "false" and "no" (which Python would take as true), "?" allows None.
+# The type of each setting; "?" allows None. Ints and numbers refuse bools and strings, and
+# booleans refuse the strings "false" and "no" (which Python would take as true).
 _FIELD_TYPES = {
-    "t_star": "int", "sampler": "str", "n_steps": "int?", "eta": "float", "guidance": "str",
-    "guidance_scale": "float", "scale_schedule": "str", "guidance_on": "str", "distance": "str",
-    "class_weight": "float", "gradient_mode": "str", "surrogate_sampler": "str",
+    "t_star": "int", "sampler": "str", "n_steps": "int?", "eta": "number", "guidance": "str",
+    "guidance_scale": "number", "scale_schedule": "str", "guidance_on": "str", "distance": "str",
+    "class_weight": "number", "gradient_mode": "str", "surrogate_sampler": "str",
     "surrogate_steps": "int", "checkpointing": "bool", "fixed_noise": "bool", "noise_seed": "int",
     "resolution": "int?", "channels": "int?", "training_data": "str?", "extra": "dict",
 }
-_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "True or False",
-               "str": "a string", "dict": "a mapping"}
 
 
 def _check_type(name: str, value: Any, kind: str) -> None:
-    optional = kind.endswith("?")
-    kind = kind.rstrip("?")
-    if value is None and optional:
+    if value is None and kind.endswith("?"):
         return
-    valid = {
-        "int": isinstance(value, numbers.Integral) and not isinstance(value, bool),
-        "float": isinstance(value, numbers.Real) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-        "dict": isinstance(value, dict),
-    }[kind]
-    if not valid:
-        expected = _TYPE_NAMES[kind] + (" or None" if optional else "")
-        raise ValueError(
-            f"purifier setting {name} must be {expected}, got {value!r} ({type(value).__name__})"
-        )
+    kind = kind.rstrip("?")
+    if kind == "int":
+        check_int(name, value)
+    elif kind == "number":
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    elif kind == "bool":
+        check_bool(name, value)
+    elif not isinstance(value, {"str": str, "dict": dict}[kind]):
+        expected = "a string" if kind == "str" else "a mapping"
+        raise ValueError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

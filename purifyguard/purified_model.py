@@ -14,7 +14,7 @@ from torch import nn
 from purifyguard.normalization import Normalize, input_channels, resolve_input_config
 from purifyguard.purifier import Purifier
 from purifyguard.registry import default_purifier_name, load_purifier
-from purifyguard.validation import check_images
+from purifyguard.validation import check_choice, check_images, check_int, check_optional_int
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +51,9 @@ class PurifiedModel(nn.Module):
         super().__init__()
         if not isinstance(classifier, nn.Module):
             raise ValueError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
-        if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
-            raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-        if input_size is not None and (
-            not isinstance(input_size, int) or isinstance(input_size, bool)
-            or input_size < MIN_IMAGE_SIDE
-        ):
-            raise ValueError(
-                f"input_size must be an integer >= {MIN_IMAGE_SIDE} or None, got {input_size!r}"
-            )
+        check_int("n_samples", n_samples, minimum=1)
+        check_choice("interpolation", interpolation, INTERPOLATIONS)
+        check_optional_int("input_size", input_size, minimum=MIN_IMAGE_SIDE)
         self.classifier = classifier
         self.classifier_channels = input_channels(classifier)
         mean, std, resolution, source = resolve_input_config(classifier, mean, std, weights)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from contextlib import nullcontext
 from typing import Any
 
@@ -17,7 +16,7 @@ from purifyguard.guidance import build_guidance
 from purifyguard.hub import PurifierHubMixin
 from purifyguard.samplers import ddim_step, ddpm_step, reverse_indices
 from purifyguard.schedule import NoiseSchedule
-from purifyguard.validation import check_images
+from purifyguard.validation import check_images, check_int
 
 
 class Purifier(PurifierHubMixin, nn.Module):
@@ -129,9 +128,7 @@ class Purifier(PurifierHubMixin, nn.Module):
     ) -> torch.Generator | None:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if seed is not None and (
-            not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**63
-        ):
+        if seed is not None and not 0 <= check_int("seed", seed) < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
         if generator is not None and seed is not None:
             raise ValueError("give a seed or a generator, not both")

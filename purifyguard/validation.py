@@ -1,6 +1,12 @@
-"""Checks that turn bad images into a ValueError naming the problem, before any network sees them."""
+"""The checks every entry point runs on its arguments before work starts: each raises a ValueError
+that names the argument, the value it got and what was expected."""
 
 from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -29,3 +35,44 @@ def check_images(x: torch.Tensor, what: str = "images") -> torch.Tensor:
             f"[{low:.4g}, {high:.4g}]; pass unnormalised images, the model normalises itself"
         )
     return x.clamp(0, 1)
+
+
+def check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """value as an int; ValueError unless it is an integer (not a bool) >= minimum."""
+    expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ValueError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return int(value)
+
+
+def check_optional_int(name: str, value: Any, minimum: int | None = None) -> int | None:
+    return None if value is None else check_int(name, value, minimum)
+
+
+def check_number(name: str, value: Any, *, positive: bool = False,
+                 non_negative: bool = False) -> float:
+    """value as a finite float; ValueError for bools, strings, NaN, inf or the wrong sign."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    if non_negative and value < 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value

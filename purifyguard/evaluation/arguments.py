@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,49 +18,16 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from purifyguard.validation import check_images
+from purifyguard.validation import (  # noqa: F401 (re-exported for the evaluation modules)
+    check_bool,
+    check_choice,
+    check_images,
+    check_int,
+    check_number,
+    check_optional_int,
+)
 
 FORBIDDEN_IN_NAMES = ("/", "\\", "\0")
-
-
-def check_int(name: str, value: Any, minimum: int | None = None) -> int:
-    """value as an int; ValueError unless it is an integer (not a bool) >= minimum."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_optional_int(name: str, value: Any, minimum: int | None = None) -> int | None:
-    return None if value is None else check_int(name, value, minimum)
-
-
-def check_number(name: str, value: Any, *, positive: bool = False,
-                 non_negative: bool = False) -> float:
-    """value as a finite float; ValueError for bools, strings, NaN, inf or the wrong sign."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
-    if non_negative and value < 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    return value
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value
 
 
 def check_name(what: str, value: Any) -> str:
