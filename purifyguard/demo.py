@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from purifyguard.evaluation.arguments import positive_float, positive_int
 from purifyguard.evaluation.attacks import REFERENCE_EOT, REFERENCE_STEPS, AttackSpec
 from purifyguard.evaluation.harness import evaluate
 from purifyguard.files import write_atomic
+from purifyguard.option_types import positive_float, positive_int
 from purifyguard.presets import CLASSIFIERS, bundled_classifier, bundled_test_images
 from purifyguard.purified_model import PurifiedModel
 

@@ -8,8 +8,6 @@ line (argparse turns their errors into a usage message naming the option).
 
 from __future__ import annotations
 
-import argparse
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,14 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from purifyguard.validation import (  # noqa: F401 (re-exported for the evaluation modules)
-    check_bool,
-    check_choice,
-    check_images,
-    check_int,
-    check_number,
-    check_optional_int,
-)
+from purifyguard.validation import check_images
 
 FORBIDDEN_IN_NAMES = ("/", "\\", "\0")
 
@@ -193,36 +184,3 @@ def _describe(value: Any) -> str:
 
 
 # --- argparse types -----------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _int_at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0)
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
-def _int_at_least(text: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected an integer >= {minimum}, got {text!r}"
-        ) from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-    return value

@@ -21,13 +21,10 @@ from torch import nn
 
 from purifyguard.config import SAMPLERS
 from purifyguard.evaluation.arguments import (
-    check_bool,
-    check_choice,
-    check_int,
     check_name,
-    check_number,
 )
 from purifyguard.evaluation.pgd import NORMS, eot_pgd
+from purifyguard.validation import check_bool, check_choice, check_int, check_number
 
 KINDS = ("pgd", "autoattack-rand", "bpda", "transfer", "square")
 GRADIENTS = ("full", "surrogate")

@@ -23,11 +23,11 @@ from typing import Any
 from torch import nn
 
 from purifyguard.data import DATASETS
-from purifyguard.evaluation.arguments import positive_float, positive_int
 from purifyguard.evaluation.attacks import default_attacks, parse_attack
 from purifyguard.evaluation.compare import GUIDANCE_VARIANTS, build_defences, compare
 from purifyguard.evaluation.harness import evaluate
 from purifyguard.evaluation.report import markdown_table
+from purifyguard.option_types import positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 

@@ -9,14 +9,13 @@ from typing import Any
 from torch import nn
 
 from purifyguard.evaluation.arguments import (
-    check_choice,
     check_model,
     check_models,
-    check_number,
 )
 from purifyguard.evaluation.attacks import AttackSpec
 from purifyguard.evaluation.harness import Data, evaluate_models
 from purifyguard.purified_model import PurifiedModel
+from purifyguard.validation import check_choice, check_number
 
 logger = logging.getLogger(__name__)
 

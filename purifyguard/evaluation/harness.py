@@ -29,15 +29,12 @@ from tqdm.auto import tqdm
 
 from purifyguard.evaluation.arguments import (
     check_attack_list,
-    check_bool,
     check_class_names,
     check_data,
     check_examples,
-    check_int,
     check_model,
     check_models,
     check_name,
-    check_optional_int,
     check_output_dir,
 )
 from purifyguard.evaluation.attacks import (
@@ -54,6 +51,7 @@ from purifyguard.evaluation.seeds import derive_seed
 from purifyguard.evaluation.store import CLEAN, BatchStore, batch_key
 from purifyguard.evaluation.verdict import predictions
 from purifyguard.files import check_inside, write_atomic
+from purifyguard.validation import check_bool, check_int, check_optional_int
 
 logger = logging.getLogger(__name__)
 

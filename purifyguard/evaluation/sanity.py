@@ -25,18 +25,16 @@ from torch.utils.data import Dataset
 
 from purifyguard.evaluation.arguments import (
     check_attack_list,
-    check_bool,
     check_data,
     check_examples,
-    check_int,
     check_model,
-    check_number,
     check_output_dir,
 )
 from purifyguard.evaluation.attacks import AttackSpec, parse_attack
 from purifyguard.evaluation.pgd import eot_gradient
 from purifyguard.evaluation.seeds import derive_seed, seed_everything
 from purifyguard.evaluation.stats import difference_tolerance
+from purifyguard.validation import check_bool, check_int, check_number
 
 NEAR_ZERO = 0.05  # robust accuracy allowed under an unbounded attack
 MAX_ZERO_GRADIENT_FRACTION = 0.5

@@ -10,12 +10,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from purifyguard.files import read_json
+from purifyguard.option_types import (  # noqa: F401 (the routines import them from here)
+    decay_rate,
+    finite_float,
+    int_list,
+    integer,
+    json_object,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    positive_int_list,
+    text,
+    unit_interval,
+)
 
 # Options that do not change what a run computes: --resume may differ in these from the run it
 # continues. Every other option defines the run (see TrainingRun and defining_options).
@@ -23,147 +36,6 @@ NOT_DEFINING = frozenset({
     "resume", "no_progress", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers",
     "output_dir", "config", "data_root",
 })
-
-
-# --- argparse types: each takes the flag's text, or a value from a config file ---------------
-
-def _integer(value: Any) -> int:
-    if isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}")
-
-
-def _real(value: Any) -> float:
-    if isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    else:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
-    if not math.isfinite(number):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
-    return number
-
-
-def integer(value: Any) -> int:
-    """Any integer."""
-    return _integer(value)
-
-
-def positive_int(value: Any) -> int:
-    """An integer >= 1."""
-    number = _integer(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
-    return number
-
-
-def non_negative_int(value: Any) -> int:
-    """An integer >= 0."""
-    number = _integer(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return number
-
-
-def finite_float(value: Any) -> float:
-    """Any finite number."""
-    return _real(value)
-
-
-def positive_float(value: Any) -> float:
-    """A finite number > 0."""
-    number = _real(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value!r}")
-    return number
-
-
-def non_negative_float(value: Any) -> float:
-    """A finite number >= 0."""
-    number = _real(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
-    return number
-
-
-def unit_interval(value: Any) -> float:
-    """A number in [0, 1]."""
-    number = _real(value)
-    if not 0 <= number <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
-    return number
-
-
-def decay_rate(value: Any) -> float:
-    """A number in [0, 1): an exponential moving average's decay."""
-    number = _real(value)
-    if not 0 <= number < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}")
-    return number
-
-
-def text(value: Any) -> str:
-    """A string (a config file's number is not taken for a name or a path)."""
-    if not isinstance(value, str):
-        raise argparse.ArgumentTypeError(f"expected a string, got {value!r}")
-    return value
-
-
-def _int_list(value: Any, least: int) -> tuple[int, ...]:
-    parts = value if isinstance(value, (list, tuple)) else (
-        str(value).split(",") if isinstance(value, (str, int)) and not isinstance(value, bool)
-        else None
-    )
-    if parts is None:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}")
-    parts = [part for part in parts if not (isinstance(part, str) and not part.strip())]
-    try:
-        numbers = tuple(_integer(part) for part in parts)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {value!r}") from None
-    if any(number < least for number in numbers):
-        raise argparse.ArgumentTypeError(f"expected integers >= {least}, got {value!r}")
-    return numbers
-
-
-def int_list(value: Any) -> tuple[int, ...]:
-    """'32,64,64' (or a list) -> (32, 64, 64); integers >= 0."""
-    return _int_list(value, 0)
-
-
-def positive_int_list(value: Any) -> tuple[int, ...]:
-    """'32,64,64' (or a list) -> (32, 64, 64); integers >= 1, at least one."""
-    numbers = _int_list(value, 1)
-    if not numbers:
-        raise argparse.ArgumentTypeError(f"expected at least one integer, got {value!r}")
-    return numbers
-
-
-def json_object(value: Any) -> dict[str, Any]:
-    """A JSON object given as text ('{"channels": [16, 32]}') or, in a config file, a mapping."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}: {error}") \
-                from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
-    return value
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
