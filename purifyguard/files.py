@@ -41,6 +41,17 @@ def write_json(path: str | Path, value: Any) -> Path:
 def read_json(path: str | Path, what: str = "JSON file", expect: type | None = dict) -> Any:
     """The JSON value of a file; ValueError naming the file when it is empty, not JSON, or not of
     the expected type (a mapping by default)."""
+    return _read_structured(path, what, expect, "JSON", json.loads, json.JSONDecodeError)
+
+
+def read_yaml(path: str | Path, what: str = "YAML file", expect: type | None = dict) -> Any:
+    """The same for YAML (read with yaml.safe_load, which builds no Python objects)."""
+    import yaml
+
+    return _read_structured(path, what, expect, "YAML", yaml.safe_load, yaml.YAMLError)
+
+
+def _read_structured(path, what, expect, language, parse, error_type) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
@@ -48,12 +59,13 @@ def read_json(path: str | Path, what: str = "JSON file", expect: type | None = d
     if not text.strip():
         raise ValueError(f"{what} {path} is empty")
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{what} {path} is not valid JSON: {error}") from None
+        value = parse(text)
+    except error_type as error:
+        raise ValueError(f"{what} {path} is not valid {language}: {error}") from None
     if expect is not None and not isinstance(value, expect):
         raise ValueError(
-            f"{what} {path} must hold a JSON {_json_kind(expect)}, got {_json_kind(type(value))}"
+            f"{what} {path} must hold a {language} {_json_kind(expect)}, got "
+            f"{_json_kind(type(value))}"
         )
     return value
 

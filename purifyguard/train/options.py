@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from purifyguard.files import read_json
+from purifyguard.files import read_json, read_yaml
 from purifyguard.option_types import (  # noqa: F401 (the routines import them from here)
     decay_rate,
     finite_float,
@@ -128,20 +128,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    if path.suffix == ".json":
-        values = read_json(path, "config file")
-    else:
-        import yaml
-
-        text_ = path.read_text(encoding="utf-8", errors="replace")
-        if not text_.strip():
-            raise ValueError(f"config file {path} is empty")
-        try:
-            values = yaml.safe_load(text_)
-        except yaml.YAMLError as error:
-            raise ValueError(f"config file {path} is not valid YAML: {error}") from None
-        if values is None:
-            raise ValueError(f"config file {path} holds no options")
+    read = read_json if path.suffix == ".json" else read_yaml
+    values = read(path, "config file", expect=None)
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a mapping of option names to values, "
                          f"got {type(values).__name__}")
