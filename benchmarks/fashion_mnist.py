@@ -1,5 +1,5 @@
-"""The Fashion-MNIST head-to-head: six defences, the same images, attacks and seeds (METHOD.md
-section 5), and docs/benchmarks.md written from the result.
+"""The Fashion-MNIST head-to-head: six defences, the same images, attacks and seeds (the protocol
+of docs/evaluation.md), and docs/benchmarks.md written from the result.
 
     python benchmarks/fashion_mnist.py                  # reference attacks on a GPU, reduced on CPU
     python benchmarks/fashion_mnist.py --n 128 --pgd-steps 5 --aa-steps 2 --bpda-steps 10

@@ -1,4 +1,9 @@
-"""The purifyguard command line: demo, train, evaluate, compare, list."""
+"""The purifyguard command line: demo, train, evaluate, compare, list.
+
+Building the options imports no model code: torch, timm, diffusers and torchattacks load when a
+command runs, so `purifyguard --help`, `purifyguard <command> --help` and `purifyguard list`
+answer at once.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,71 @@ import os
 import sys
 
 from purifyguard import __version__
+
+LIST_DESCRIPTION = """\
+The registered purifiers, one a line: name, "(default)" where it is the default for classifiers
+of its input shape, channels x height x width, and what it is. Any of these names goes to
+--purifier and to PurifiedModel(classifier, purifier=NAME)."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written (paragraphs, examples), and each option's help ending with its
+    default, unless the help says it already ("default: ...") or there is none to show (a flag,
+    or an option left out by default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default in (None, argparse.SUPPRESS) or action.nargs == 0
+                or "default:" in text or "(default" in text or "%(default)" in text):
+            return text
+        return f"{text} (default: {_shown(action)})"
+
+
+def _shown(action: argparse.Action) -> str:
+    """The default as it would be typed: "32,64,64" for a comma list, "a b c" for nargs="+"."""
+    value = action.default
+    if isinstance(value, (list, tuple)):
+        separator = " " if action.nargs in ("+", "*") else ","
+        value = separator.join(map(str, value))
+    return str(value).replace("%", "%%")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `purifyguard`, with one sub-parser a command (`train`'s routines parse
+    their own options: purifyguard.train.__main__)."""
+    from purifyguard import demo
+    from purifyguard.evaluation import cli as evaluation_cli
+    from purifyguard.train.__main__ import ROUTINES, routine_list
+
+    parser = argparse.ArgumentParser(
+        prog="purifyguard", formatter_class=HelpFormatter,
+        description="Robust diffusion purification with adversarial guidance, in front of any "
+                    "image classifier.\n\npurifyguard <command> --help lists a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"purifyguard {__version__}",
+                        help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command",
+                                     title="commands")
+    commands.add_parser(
+        "train", formatter_class=HelpFormatter,
+        help=f"train a routine: {', '.join(ROUTINES)} (purifyguard train <routine> --help)",
+        description="Train a routine (purifyguard train <routine> [options]).\n\nroutines:\n"
+                    + routine_list(),
+    )
+    demo.add_arguments(commands.add_parser(
+        "demo", formatter_class=HelpFormatter, description=demo.__doc__,
+        help="attack the bundled classifier with and without the bundled purifier"))
+    evaluation_cli.add_arguments(commands.add_parser(
+        "evaluate", formatter_class=HelpFormatter,
+        description=evaluation_cli.DESCRIPTIONS["evaluate"],
+        help="clean and robust accuracy under adaptive attacks"), "evaluate")
+    evaluation_cli.add_arguments(commands.add_parser(
+        "compare", formatter_class=HelpFormatter,
+        description=evaluation_cli.DESCRIPTIONS["compare"],
+        help="several defences side by side on the same images and attacks"), "compare")
+    commands.add_parser("list", formatter_class=HelpFormatter, description=LIST_DESCRIPTION,
+                        help="the registered purifiers")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,38 +88,28 @@ def main(argv: list[str] | None = None) -> None:
         train(argv[1:])
         return
 
-    parser = argparse.ArgumentParser(
-        prog="purifyguard",
-        description="Robust diffusion purification with adversarial guidance.",
-    )
-    parser.add_argument("--version", action="version", version=f"purifyguard {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
-    commands.add_parser("train", help="train a routine: diffusion, guidance or adapt "
-                        "(purifyguard train <routine> --help)")
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from purifyguard import demo
 
-    from purifyguard import demo
-    from purifyguard.evaluation import cli as evaluation_cli
+        _run_reporting_errors(args, demo.run)
+    elif args.command in ("evaluate", "compare"):
+        from purifyguard.evaluation import cli as evaluation_cli
 
-    demo.add_arguments(commands.add_parser(
-        "demo", help="attack the bundled classifier with and without the bundled purifier"))
-    evaluation_cli.add_arguments(commands.add_parser(
-        "evaluate", help="clean and robust accuracy under adaptive attacks"), "evaluate")
-    evaluation_cli.add_arguments(commands.add_parser(
-        "compare", help="several defences side by side on the same images and attacks"),
-        "compare")
-    commands.add_parser("list", help="the registered purifiers")
-
-    args = parser.parse_args(argv)
-    if args.command in ("demo", "evaluate", "compare"):
-        _run_reporting_errors(args, demo.run if args.command == "demo" else evaluation_cli.run)
+        _run_reporting_errors(args, evaluation_cli.run)
     elif args.command == "list":
-        from purifyguard.registry import list_purifiers, registered
+        _print_purifiers()
 
-        for name in list_purifiers():
-            entry = registered(name)
-            default = " (default)" if entry.default else ""
-            print(f"{name}{default}: {entry.channels}x{entry.resolution}x{entry.resolution}, "
-                  f"{entry.description}")
+
+def _print_purifiers() -> None:
+    """Print the registered purifiers (reading the registry loads no purifier)."""
+    from purifyguard.registry import list_purifiers, registered
+
+    for name in list_purifiers():
+        entry = registered(name)
+        default = " (default)" if entry.default else ""
+        print(f"{name}{default}: {entry.channels}x{entry.resolution}x{entry.resolution}, "
+              f"{entry.description}")
 
 
 def _run_reporting_errors(args: argparse.Namespace, command) -> None:

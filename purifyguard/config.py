@@ -36,6 +36,10 @@ class PurifierConfig:
     guidance_on: where the adversarial guidance reads the sample, x0_hat(x_t) or x_t itself.
     distance: D in the latent space of the guidance network, squared "l2" or "cosine".
     class_weight: lambda of the optional class term  -lambda * log p(y_hat | x0_hat).
+    guidance_layer: where the adversarial guidance reads the guidance network's features: None
+        for the pre-logit features (timm's forward_head(pre_logits=True), or the input of the
+        last nn.Linear of any other network), or the name of a layer (network.get_submodule),
+        whose output is read.
     gradient_mode: what an attacker's backward sees, "full", "bpda" (identity) or "surrogate".
     surrogate_sampler / surrogate_steps: the cheaper process a "surrogate" backward runs.
     checkpointing: recompute each reverse step in the backward instead of storing it.
@@ -62,6 +66,7 @@ class PurifierConfig:
     channels: int | None = None
     training_data: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    guidance_layer: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,6 +110,11 @@ class PurifierConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.guidance_layer is not None and not self.guidance_layer.strip():
+            raise ValueError(
+                "guidance_layer must name a layer of the guidance network (e.g. 'layer4') or be "
+                f"None, got {self.guidance_layer!r}"
+            )
         if self.surrogate_steps < 1:
             raise ValueError(f"surrogate_steps must be >= 1, got {self.surrogate_steps!r}")
         if self.gradient_mode == "surrogate":
@@ -131,7 +141,10 @@ class PurifierConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}
+        values = dataclasses.asdict(self)
+        if values["guidance_layer"] is None:  # so that purifyguard versions before it read it
+            del values["guidance_layer"]
+        return {"config_version": CONFIG_VERSION, **values}
 
     @classmethod
     def from_dict(
@@ -173,6 +186,7 @@ _FIELD_TYPES = {
     "class_weight": "number", "gradient_mode": "str", "surrogate_sampler": "str",
     "surrogate_steps": "int", "checkpointing": "bool", "fixed_noise": "bool", "noise_seed": "int",
     "resolution": "int?", "channels": "int?", "training_data": "str?", "extra": "dict",
+    "guidance_layer": "str?",
 }
 
 

@@ -16,34 +16,45 @@ import time
 from pathlib import Path
 from typing import Any
 
-from purifyguard.evaluation.attacks import REFERENCE_EOT, REFERENCE_STEPS, AttackSpec
-from purifyguard.evaluation.harness import evaluate
+from purifyguard.evaluation.cli import add_device_argument, evaluation_device
 from purifyguard.files import write_atomic
 from purifyguard.option_types import positive_float, positive_int
-from purifyguard.presets import CLASSIFIERS, bundled_classifier, bundled_test_images
-from purifyguard.purified_model import PurifiedModel
+from purifyguard.presets import CLASSIFIERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--classifier", default="fashion-mnist-resnet18", choices=sorted(CLASSIFIERS))
+    parser.add_argument("--classifier", default="fashion-mnist-resnet18",
+                        choices=sorted(CLASSIFIERS), help="the bundled classifier to attack")
     parser.add_argument("--purifier", help="registered name, folder or Hub id (default: the "
-                        "registered default for the classifier)")
-    parser.add_argument("--eps", type=positive_float, default=0.1, help="L-inf radius")
+                        "registered default for the classifier, fashion-mnist-agdm)")
+    parser.add_argument("--eps", type=positive_float, default=0.1,
+                        help="L-inf radius of the three attacks")
     parser.add_argument("--n", type=positive_int, default=256, help="images for attacks 1 and 2")
-    parser.add_argument("--steps", type=positive_int, default=20, help="PGD steps of attacks 1 and 2")
+    parser.add_argument("--attack-steps", "--steps", dest="steps", metavar="N",
+                        type=positive_int, default=20,
+                        help="PGD steps of attacks 1 and 2 (--steps is the old name)")
     parser.add_argument("--adaptive-n", type=positive_int, default=16, help="images for attack 3")
-    parser.add_argument("--adaptive-steps", type=positive_int, default=5, help="PGD steps of attack 3")
+    parser.add_argument("--adaptive-steps", type=positive_int, default=5,
+                        help="PGD steps of attack 3")
     parser.add_argument("--eot", type=positive_int, default=1, help="EOT samples of attack 3")
     parser.add_argument("--runs", type=positive_int, default=2, help="R purifications per verdict")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="purifyguard-demo")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per batch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the attacks and purifications")
+    parser.add_argument("--output-dir", default="purifyguard-demo",
+                        help="folder of the reports, grids and demo.png")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the three attacks, print the table, write the picture; returns the table's rows."""
+    from purifyguard.evaluation.attacks import REFERENCE_EOT, REFERENCE_STEPS, AttackSpec
+    from purifyguard.evaluation.harness import evaluate
+    from purifyguard.presets import bundled_classifier, bundled_test_images
+    from purifyguard.purified_model import PurifiedModel
+
     started = time.perf_counter()
+    device = evaluation_device(getattr(args, "device", None))
     images, labels, classes = bundled_test_images()
     defended = PurifiedModel(bundled_classifier(args.classifier), args.purifier)
     undefended = defended.with_purifier(None)
@@ -58,6 +69,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     output = Path(args.output_dir)
     common = {"batch_size": args.batch_size, "seed": args.seed, "class_names": classes,
               "progress": not args.no_progress}
+    if device is not None:
+        common["device"] = device
     rows = [
         _row(evaluate(undefended, (images, labels), [pgd], n=args.n, runs=1,
                       model_name="undefended", output_dir=output / "undefended", **common),

@@ -6,16 +6,26 @@ A purifier folder (local or a Hub repository) holds, in safetensors only:
     unet/config.json                          the denoiser, in diffusers' own format
     unet/diffusion_pytorch_model.safetensors
     scheduler/scheduler_config.json           its DDPM noise schedule
-    guidance/config.json                      timm architecture name and create_model kwargs
-    guidance/model.safetensors                (only when the purifier has a guidance network)
-    README.md                                 a generated model card
+    guidance/config.json                      the guidance network in timm's own Hub format
+    guidance/model.safetensors                (timm.models.save_for_hf; only when the purifier
+                                              has a guidance network)
+    README.md                                 a model card (huggingface_hub.ModelCard) with
+                                              model-index results
 
-Pickle checkpoints are refused: loading one can run arbitrary code.
+Pickle checkpoints are refused: loading one can run arbitrary code. A network folder (guidance/,
+or a classifier exported by `purifyguard train guidance`) is what timm.models.save_for_hf writes,
+so timm.create_model("local-dir:<folder>", pretrained=True) and "hf-hub:<repo>" load it too;
+purifyguard reads it with its own loader (safetensors only, nothing followed or fetched). The
+older purifyguard layout {"library": "timm", "architecture": ..., "kwargs": {...}} still loads.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,13 +34,14 @@ import timm
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.utils import filter_repo_objects
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch import nn
 
 from purifyguard.config import PurifierConfig
 from purifyguard.files import check_inside, read_json, write_atomic, write_json
-from purifyguard.model_card import model_card
+from purifyguard.model_card import check_metrics, model_card
 
 if TYPE_CHECKING:
     from purifyguard.purifier import Purifier
@@ -57,8 +68,23 @@ FORBIDDEN_TIMM_KWARGS = frozenset(
 INPUT_CONFIG_KEYS = frozenset(
     {"mean", "std", "input_size", "interpolation", "crop_pct", "crop_mode", "num_classes"}
 )
+# The keys of a timm config's pretrained_cfg that purifyguard applies (as pretrained_cfg_overlay);
+# the rest of it (file, url, hf_hub_id, state_dict, ...) is never followed.
+PRETRAINED_INPUT_KEYS = ("mean", "std", "input_size", "interpolation", "crop_pct", "crop_mode")
+# The older purifyguard layout of a network config.json.
+OLD_LAYOUT_KEYS = frozenset({"library", "architecture", "kwargs"})
 # Set on guidance networks built by create_guidance_network, so that they save themselves again.
 TIMM_KWARGS_ATTRIBUTE = "purifyguard_timm_kwargs"
+# What push_to_hub uploads (the layout, nothing else) and what it never uploads, whatever else a
+# component may have written: pickles and training checkpoints.
+UPLOAD_PATTERNS = [
+    PURIFIER_CONFIG, MODEL_CARD, f"{UNET_DIR}/config.json", f"{UNET_DIR}/{UNET_WEIGHTS}",
+    f"{SCHEDULER_DIR}/{SCHEDULER_CONFIG}", f"{GUIDANCE_DIR}/{GUIDANCE_CONFIG}",
+    f"{GUIDANCE_DIR}/{GUIDANCE_WEIGHTS}",
+]
+NEVER_UPLOAD = [f"*{suffix}" for suffix in PICKLE_SUFFIXES] + ["checkpoints/*", "*/checkpoints/*"]
+# Deleted from the Hub repository by a push without a guidance network (a stale one would load).
+GUIDANCE_FILES = [f"{GUIDANCE_DIR}/{GUIDANCE_CONFIG}", f"{GUIDANCE_DIR}/{GUIDANCE_WEIGHTS}"]
 
 class PurifierHubMixin:
     """Hub sharing for Purifier, in the spirit of huggingface_hub's PyTorchModelHubMixin.
@@ -78,15 +104,20 @@ class PurifierHubMixin:
     ) -> Path:
         """Write the purifier folder (layout in the module docstring) and return its path.
 
-        metrics: measured results for the model card (e.g. clean_accuracy, robust_accuracy,
-            attack, threat_model, n_examples). card_data: extra YAML front matter (license,
-            datasets, ...). guidance_kwargs: timm.create_model kwargs of the guidance network
-            beyond num_classes and in_chans (e.g. channels), when it was not built by
-            create_guidance_network.
+        metrics: measured results for the model card's Results table; clean_accuracy and
+            robust_accuracy (with attack, threat_model, n_examples, dataset, dataset_split) also
+            become its model-index metadata, which the Hub indexes. card_data: extra YAML front
+            matter (license, datasets, ...). guidance_kwargs: timm.create_model kwargs of the
+            guidance network beyond num_classes and in_chans (e.g. channels), when neither timm
+            nor create_guidance_network recorded them.
+
+        Only a timm guidance network can be saved (ValueError otherwise, before anything is
+        written): it is saved in timm's own Hub format.
         """
         if not isinstance(save_directory, (str, Path)) or not str(save_directory).strip():
             raise ValueError(f"save_directory must be a folder path, got {save_directory!r}")
         _check_card_arguments(metrics, card_data, guidance_kwargs)
+        _check_saveable(self.guidance_network)
         return self._write_folder(Path(save_directory), metrics, card_data, guidance_kwargs)
 
     def push_to_hub(
@@ -105,25 +136,34 @@ class PurifierHubMixin:
     ) -> str | dict[str, int]:
         """Save to a temporary folder and upload it as one commit; returns the commit URL.
 
+        Only the layout's files are uploaded (UPLOAD_PATTERNS), never a pickle or a checkpoints/
+        folder (NEVER_UPLOAD), through HfApi.upload_folder's allow_patterns and ignore_patterns.
+        A purifier without a guidance network deletes guidance/ from the repository.
         dry_run=True contacts nothing and returns what would be uploaded: {path: size in bytes}.
         """
         if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
             raise ValueError(f"repo_id must be a Hub repo id of the form 'user/name', got {repo_id!r}")
         _check_card_arguments(metrics, card_data, guidance_kwargs)
+        _check_saveable(self.guidance_network)
         with tempfile.TemporaryDirectory() as staging:
             folder = self._write_folder(
                 Path(staging), metrics, card_data, guidance_kwargs, repo_id=repo_id
             )
             if dry_run:
+                files = (path.relative_to(folder).as_posix()
+                         for path in sorted(folder.rglob("*")) if path.is_file())
                 return {
-                    path.relative_to(folder).as_posix(): path.stat().st_size
-                    for path in sorted(folder.rglob("*")) if path.is_file()
+                    name: (folder / name).stat().st_size for name in filter_repo_objects(
+                        files, allow_patterns=UPLOAD_PATTERNS, ignore_patterns=NEVER_UPLOAD
+                    )
                 }
             api = HfApi(token=token)
             api.create_repo(repo_id, private=private, exist_ok=True)
             commit = api.upload_folder(
                 repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                revision=revision, create_pr=create_pr,
+                revision=revision, create_pr=create_pr, allow_patterns=UPLOAD_PATTERNS,
+                ignore_patterns=NEVER_UPLOAD,
+                delete_patterns=GUIDANCE_FILES if self.guidance_network is None else None,
             )
         return str(getattr(commit, "commit_url", commit))
 
@@ -147,7 +187,7 @@ class PurifierHubMixin:
         _check_dtype(torch_dtype)
         folder = resolve_folder(
             repo_id_or_dir, revision=revision, cache_dir=cache_dir, token=token,
-            local_files_only=local_files_only,
+            local_files_only=local_files_only, allow_patterns=UPLOAD_PATTERNS,
         )
         config_file = require_file(folder / PURIFIER_CONFIG)
         refuse_pickles(folder)
@@ -214,12 +254,8 @@ class PurifierHubMixin:
     ) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         config = self.current_config()
-        self.unet.save_pretrained(folder / UNET_DIR, safe_serialization=True)
-        DDPMScheduler.from_config(self.schedule.scheduler_config).save_pretrained(
-            folder / SCHEDULER_DIR
-        )
         guidance = None
-        if self.guidance_network is not None:
+        if self.guidance_network is not None:  # first: it checks that its config rebuilds it
             guidance = save_guidance_network(
                 self.guidance_network, folder / GUIDANCE_DIR, guidance_kwargs
             )
@@ -229,10 +265,16 @@ class PurifierHubMixin:
                 (stale / name).unlink(missing_ok=True)
             if stale.is_dir() and not any(stale.iterdir()):
                 stale.rmdir()
+        self.unet.save_pretrained(folder / UNET_DIR, safe_serialization=True)
+        drop_local_path(folder / UNET_DIR / "config.json")
+        DDPMScheduler.from_config(self.schedule.scheduler_config).save_pretrained(
+            folder / SCHEDULER_DIR
+        )
         config.save(folder / PURIFIER_CONFIG)
         card = model_card(
             config, guidance=guidance, metrics=metrics, card_data=card_data, repo_id=repo_id,
             denoiser_parameters=sum(p.numel() for p in self.unet.parameters()),
+            model_name=repo_id.split("/")[-1] if repo_id else folder.resolve().name,
         )
         write_atomic(folder / MODEL_CARD, card)
         return folder
@@ -345,59 +387,92 @@ def create_guidance_network(architecture: str, **kwargs: Any) -> nn.Module:
     return network
 
 
+def is_timm_model(network: nn.Module) -> bool:
+    """Whether the network is a timm model (it carries timm's pretrained_cfg with its
+    architecture name), the kind of network purifyguard can save."""
+    pretrained_cfg = getattr(network, "pretrained_cfg", None)
+    return (isinstance(pretrained_cfg, dict) and isinstance(pretrained_cfg.get("architecture"), str)
+            and hasattr(network, "num_classes"))
+
+
 def guidance_architecture(
     network: nn.Module, kwargs: dict[str, Any] | None = None
 ) -> tuple[str, dict[str, Any]]:
     """The timm name and create_model kwargs that rebuild the network, checked shape by shape.
 
     num_classes and in_chans are read off the network; other kwargs come from `kwargs` or from
-    create_guidance_network.
+    create_guidance_network. (save_guidance_network also takes the arguments timm itself
+    recorded when it built the network.)
     """
-    architecture = getattr(network, "pretrained_cfg", {}).get("architecture")
-    if architecture is None:
-        raise ValueError(
-            f"cannot save guidance network {type(network).__name__}: it is not a timm model "
-            "(no pretrained_cfg['architecture'])"
-        )
-    found = {"num_classes": int(network.num_classes)}
-    first_conv = network.pretrained_cfg.get("first_conv")
-    if isinstance(first_conv, str):
-        found["in_chans"] = int(network.get_submodule(first_conv).in_channels)
-    found.update(getattr(network, TIMM_KWARGS_ATTRIBUTE, {}))
-    found.update(kwargs or {})
-    found = json.loads(json.dumps(found))  # as it will read back: tuples become lists
-    with torch.device("meta"):
-        rebuilt = timm.create_model(architecture, pretrained=False, **found)
-    expected = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
-    actual = {k: tuple(v.shape) for k, v in network.state_dict().items()}
-    if expected != actual:
-        difference = min(
-            k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k)
-        )
-        raise ValueError(
-            f"timm.create_model({architecture!r}, **{found}) does not rebuild the guidance "
-            f"network: {difference} is {actual.get(difference)} in it, {expected.get(difference)} "
-            "rebuilt; pass guidance_kwargs={...} with the kwargs it was created with"
-        )
+    _check_saveable(network)
+    architecture = network.pretrained_cfg["architecture"]
+    found = json.loads(json.dumps(_export_arguments(network, kwargs)))  # tuples become lists
+    _check_rebuilds(network, architecture, found)
     return architecture, found
 
 
 def save_guidance_network(
     network: nn.Module, folder: Path, kwargs: dict[str, Any] | None = None
 ) -> tuple[str, dict[str, Any]]:
-    """Write guidance/config.json and guidance/model.safetensors; returns (name, kwargs)."""
-    architecture, kwargs = guidance_architecture(network, kwargs)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"library": "timm", "architecture": architecture, "kwargs": kwargs}
-    write_json(folder / GUIDANCE_CONFIG, config)
-    save_model(network, str(folder / GUIDANCE_WEIGHTS))
-    return architecture, kwargs
+    """Write config.json and model.safetensors in timm's own Hub format, with
+    timm.models.save_for_hf(safe_serialization=True): timm.create_model("local-dir:<folder>",
+    pretrained=True) loads the folder, and so does "hf-hub:<repo>" once it is uploaded.
+
+    The files are written to a staging folder first; its config.json is read back with
+    load_guidance_network's own parser and must rebuild the network tensor by tensor before
+    anything replaces the folder's files. Returns (architecture, the create_model kwargs that
+    load_guidance_network uses). The config also says "library": "timm" (an extra top-level key,
+    which timm ignores), by which older purifyguard code recognises a network folder.
+    """
+    _check_saveable(network)
+    arguments = _export_arguments(network, kwargs)
+    overlay = arguments.pop("pretrained_cfg_overlay", None)
+    recorded = getattr(network, TIMM_KWARGS_ATTRIBUTE, {}).get("pretrained_cfg_overlay")
+    if overlay is not None and overlay != recorded:  # given in kwargs: not in pretrained_cfg yet
+        if not isinstance(overlay, dict) or set(overlay) - INPUT_CONFIG_KEYS:
+            raise ValueError(
+                f"guidance_kwargs pretrained_cfg_overlay may set only {sorted(INPUT_CONFIG_KEYS)}, "
+                f"got {overlay!r}"
+            )
+    else:
+        overlay = None
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        try:
+            timm.models.save_for_hf(
+                network, staging, model_config={"library": "timm"},
+                model_args=json.loads(json.dumps(arguments)), safe_serialization=True,
+            )
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"cannot save the guidance network {network.pretrained_cfg['architecture']} in "
+                f"timm's format: {error}; pass guidance_kwargs={{...}} with JSON values for the "
+                "arguments it was created with"
+            ) from None
+        config = read_json(staging / GUIDANCE_CONFIG, "network config")
+        if overlay:
+            config["pretrained_cfg"] = {**config.get("pretrained_cfg", {}),
+                                        **json.loads(json.dumps(overlay))}
+            write_json(staging / GUIDANCE_CONFIG, config)
+        architecture, create_kwargs = guidance_config(config, folder / GUIDANCE_CONFIG)
+        _check_rebuilds(network, architecture, create_kwargs)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in (GUIDANCE_WEIGHTS, GUIDANCE_CONFIG):
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return architecture, create_kwargs
 
 
-def load_guidance_network(folder: Path) -> nn.Module:
-    """The timm network of a folder (guidance/, or an exported classifier): its config is
-    checked to name a timm architecture with plain kwargs, and its safetensors weights must
-    match the architecture, tensor by tensor, and be finite. Nothing is fetched or unpickled."""
+def load_guidance_network(folder: str | Path) -> nn.Module:
+    """The timm network of a folder (guidance/, or an exported classifier), in timm's Hub format
+    or purifyguard's older layout: its config is checked to name a timm architecture with plain
+    kwargs, only the input settings of a saved pretrained_cfg are applied, and its safetensors
+    weights must match the architecture, tensor by tensor, and be finite. Nothing is fetched,
+    followed or unpickled: unlike timm's local-dir: loader, no .pth or .bin fallback, no hf-hub:
+    name, no pretrained_cfg file or url."""
     folder = Path(folder)
     config_file = require_file(folder / GUIDANCE_CONFIG)
     weights = require_file(folder / GUIDANCE_WEIGHTS)
@@ -406,7 +481,7 @@ def load_guidance_network(folder: Path) -> nn.Module:
     architecture, kwargs = guidance_config(read_json(config_file, "network config"), config_file)
     try:
         network = create_guidance_network(architecture, **kwargs)
-    except (TypeError, ValueError, RuntimeError) as error:
+    except (TypeError, ValueError, RuntimeError, AssertionError) as error:
         raise ValueError(
             f"{config_file}: timm.create_model({architecture!r}, **{kwargs}) fails: {error}"
         ) from None
@@ -417,30 +492,64 @@ def load_guidance_network(folder: Path) -> nn.Module:
 
 
 def guidance_config(config: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]]:
-    """(architecture, kwargs) of a network config, refusing anything that would make timm load
-    or fetch weights from elsewhere (a checkpoint_path, pretrained=True, an hf-hub: name)."""
-    unknown = set(config) - {"library", "architecture", "kwargs"}
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-    if config.get("library", "timm") != "timm":
-        raise ValueError(f"{path}: library must be 'timm', got {config.get('library')!r}")
-    architecture = config.get("architecture")
-    if not isinstance(architecture, str) or not architecture:
-        raise ValueError(f"{path} must name the timm 'architecture', got {architecture!r}")
-    if ":" in architecture or not timm.is_model(architecture):
+    """(architecture, create_model kwargs) of a network config.json, in timm's Hub format
+    (architecture, num_classes, model_args, pretrained_cfg) or purifyguard's older layout
+    (library, architecture, kwargs). Anything that would make timm load or fetch weights from
+    elsewhere is refused (a checkpoint_path, pretrained=True, an hf-hub: or local-dir: name);
+    of a timm pretrained_cfg only the input settings are kept (file, url, hf_hub_id are not)."""
+    if set(config) <= OLD_LAYOUT_KEYS:
+        return _old_layout_config(config, path)
+    if "kwargs" in config:
         raise ValueError(
-            f"{path}: architecture {architecture!r} is not a timm architecture name (a local "
-            "folder loads only the files it contains: no hf-hub: or local-dir: names)"
+            f"{path} mixes the two layouts: 'kwargs' (purifyguard's older layout) with "
+            f"{sorted(set(config) - OLD_LAYOUT_KEYS)} (timm's); write it again with "
+            "save_guidance_network"
         )
+    _check_library(config, path)
+    architecture = _check_architecture(config.get("architecture"), path)
+    model_args = config.get("model_args", {})
+    if not isinstance(model_args, dict):
+        raise ValueError(f"{path}: model_args must be a mapping, got {model_args!r}")
+    _check_forbidden(model_args, path, "model_args")
+    if "pretrained_cfg_overlay" in model_args:
+        raise ValueError(
+            f"{path}: model_args may not hold pretrained_cfg_overlay; the input settings belong "
+            "in pretrained_cfg"
+        )
+    pretrained_cfg = config.get("pretrained_cfg", config)  # timm's legacy single-dict form
+    if not isinstance(pretrained_cfg, dict):
+        raise ValueError(f"{path}: pretrained_cfg must be a mapping, got {pretrained_cfg!r}")
+    kwargs = dict(model_args)
+    num_classes = config.get("num_classes")
+    if num_classes is not None:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"{path}: num_classes must be an integer >= 0, got {num_classes!r}")
+        if kwargs.setdefault("num_classes", num_classes) != num_classes:
+            raise ValueError(
+                f"{path}: num_classes is {num_classes} but model_args says "
+                f"{model_args['num_classes']}"
+            )
+    overlay = {key: pretrained_cfg[key] for key in PRETRAINED_INPUT_KEYS
+               if pretrained_cfg.get(key) is not None}
+    _check_input_settings(overlay, path)
+    if "input_size" in overlay and isinstance(kwargs.get("in_chans"), int):  # as timm does
+        overlay["input_size"] = [kwargs["in_chans"], *overlay["input_size"][1:]]
+    if kwargs.get("num_classes") is not None:
+        overlay["num_classes"] = kwargs["num_classes"]
+    if overlay:
+        kwargs["pretrained_cfg_overlay"] = overlay
+    return architecture, kwargs
+
+
+def _old_layout_config(config: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]]:
+    """{"library": "timm", "architecture": ..., "kwargs": {...}}, as purifyguard wrote network
+    folders before it adopted timm's format; such folders still load."""
+    _check_library(config, path)
+    architecture = _check_architecture(config.get("architecture"), path)
     kwargs = config.get("kwargs", {})
     if not isinstance(kwargs, dict):
         raise ValueError(f"{path}: kwargs must be a mapping, got {kwargs!r}")
-    forbidden = sorted(set(kwargs) & FORBIDDEN_TIMM_KWARGS)
-    if forbidden:
-        raise ValueError(
-            f"{path}: kwargs {forbidden} are refused: they make timm load weights from outside "
-            "the folder"
-        )
+    _check_forbidden(kwargs, path, "kwargs")
     overlay = kwargs.get("pretrained_cfg_overlay", {})
     if not isinstance(overlay, dict) or set(overlay) - INPUT_CONFIG_KEYS:
         raise ValueError(
@@ -448,6 +557,111 @@ def guidance_config(config: dict[str, Any], path: Path) -> tuple[str, dict[str, 
             f"{overlay!r}"
         )
     return architecture, kwargs
+
+
+def _check_library(config: dict[str, Any], path: Path) -> None:
+    if config.get("library", "timm") != "timm":
+        raise ValueError(f"{path}: library must be 'timm', got {config.get('library')!r}")
+
+
+def _check_architecture(architecture: Any, path: Path) -> str:
+    if not isinstance(architecture, str) or not architecture:
+        raise ValueError(f"{path} must name the timm 'architecture', got {architecture!r}")
+    if ":" in architecture or not timm.is_model(architecture):
+        raise ValueError(
+            f"{path}: architecture {architecture!r} is not a timm architecture name (a local "
+            "folder loads only the files it contains: no hf-hub: or local-dir: names)"
+        )
+    return architecture
+
+
+def _check_forbidden(kwargs: dict[str, Any], path: Path, field: str) -> None:
+    forbidden = sorted(set(kwargs) & FORBIDDEN_TIMM_KWARGS)
+    if forbidden:
+        raise ValueError(
+            f"{path}: create_model kwargs {forbidden} are refused (in {field}): they make timm "
+            "load weights from outside the folder"
+        )
+
+
+def _check_input_settings(settings: dict[str, Any], path: Path) -> None:
+    """The input settings of a timm pretrained_cfg have the types timm gives them."""
+    for key in ("mean", "std"):
+        value = settings.get(key)
+        if value is not None and (
+            not isinstance(value, list) or not value or not all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                for v in value)
+        ):
+            raise ValueError(f"{path}: pretrained_cfg {key} must be a list of finite numbers, "
+                             f"got {value!r}")
+    size = settings.get("input_size")
+    if size is not None and (
+        not isinstance(size, list) or len(size) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
+        raise ValueError(f"{path}: pretrained_cfg input_size must be [channels, height, width], "
+                         f"got {size!r}")
+    for key in ("interpolation", "crop_mode"):
+        if key in settings and not isinstance(settings[key], str):
+            raise ValueError(f"{path}: pretrained_cfg {key} must be a string, got "
+                             f"{settings[key]!r}")
+    crop = settings.get("crop_pct")
+    if crop is not None and (not isinstance(crop, numbers.Real) or isinstance(crop, bool)
+                             or not 0 < crop <= 1):
+        raise ValueError(f"{path}: pretrained_cfg crop_pct must be a number in (0, 1], got "
+                         f"{crop!r}")
+
+
+def _check_saveable(network: nn.Module | None) -> None:
+    """ValueError, before anything is written, when the guidance network cannot be saved."""
+    if network is not None and not is_timm_model(network):
+        raise ValueError(
+            f"cannot save the guidance network {type(network).__name__}: purifyguard saves "
+            "guidance networks that are timm models (built by timm.create_model or "
+            "purifyguard.hub.create_guidance_network), in timm's own format. Any nn.Module "
+            "classifier can guide a purifier in memory; to share this purifier, use a timm "
+            "architecture for its guidance network"
+        )
+
+
+def _export_arguments(network: nn.Module, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """num_classes and in_chans read off the network, then the kwargs create_guidance_network
+    recorded, then `kwargs`."""
+    found = {"num_classes": int(network.num_classes)}
+    first_conv = network.pretrained_cfg.get("first_conv")
+    if isinstance(first_conv, str):
+        try:
+            found["in_chans"] = int(network.get_submodule(first_conv).in_channels)
+        except AttributeError:
+            pass
+    found.update(getattr(network, TIMM_KWARGS_ATTRIBUTE, {}))
+    found.update(kwargs or {})
+    return found
+
+
+def _check_rebuilds(network: nn.Module, architecture: str, kwargs: dict[str, Any]) -> None:
+    """ValueError naming the first tensor whose shape differs between the network and
+    timm.create_model(architecture, **kwargs) (built on the meta device: no memory, no time)."""
+    try:
+        with torch.device("meta"):
+            rebuilt = timm.create_model(architecture, pretrained=False, **kwargs)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as error:
+        raise ValueError(
+            f"timm.create_model({architecture!r}, **{kwargs}) fails: {error}; pass "
+            "guidance_kwargs={...} with the kwargs the guidance network was created with"
+        ) from None
+    expected = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    actual = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    if expected != actual:
+        difference = min(
+            k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k)
+        )
+        raise ValueError(
+            f"timm.create_model({architecture!r}, **{kwargs}) does not rebuild the guidance "
+            f"network: {difference} is {actual.get(difference)} in it, {expected.get(difference)} "
+            "rebuilt; pass guidance_kwargs={...} with the kwargs it was created with"
+        )
 
 
 def check_weights_finite(module: nn.Module, path: Path) -> None:
@@ -500,10 +714,19 @@ def _check_weight_shapes(network: nn.Module, weights: Path) -> None:
         )
 
 
+def drop_local_path(config_file: Path) -> None:
+    """Remove diffusers' `_name_or_path` (the folder a model was loaded from, an absolute path of
+    this machine) from a saved config: a shared folder must not carry it."""
+    config = read_json(config_file, "denoiser config")
+    if config.pop("_name_or_path", None) is not None:
+        write_json(config_file, config)
+
+
 def _check_card_arguments(*mappings: dict[str, Any] | None) -> None:
     for name, value in zip(("metrics", "card_data", "guidance_kwargs"), mappings):
         if value is not None and not isinstance(value, dict):
             raise ValueError(f"{name} must be a dict or None, got {type(value).__name__}")
+    check_metrics(mappings[0])
 
 
 def _in_snapshot(folder: Path) -> bool:

@@ -1,15 +1,33 @@
-"""The README.md model card written next to a saved purifier: what it is, how it was measured."""
+"""The README.md model card written next to a saved purifier: what it is, how it was measured.
+
+Cards are huggingface_hub ModelCard objects: YAML front matter from ModelCardData (library_name,
+pipeline_tag, tags, and model-index results from EvalResult entries, which the Hub indexes),
+then a Markdown body with purifyguard's tables.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
-from huggingface_hub import ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from purifyguard.config import PurifierConfig
 
-TAGS = ["purifyguard", "adversarial-purification", "adversarial-robustness", "diffusion",
-        "image-classification"]
+TAGS = ["purifyguard", "adversarial-purification", "diffusion-purification",
+        "adversarial-robustness", "diffusion", "image-classification"]
+NETWORK_TAGS = ["purifyguard", "image-classification"]
+PIPELINE_TAG = "image-classification"
+# Hub ids and names of the data sets purifyguard trains on (its --data names), for model-index.
+HUB_DATASETS = {
+    "fashion-mnist": ("zalando-datasets/fashion_mnist", "Fashion-MNIST"),
+    "cifar10": ("uoft-cs/cifar10", "CIFAR-10"),
+    "cifar100": ("uoft-cs/cifar100", "CIFAR-100"),
+}
+# The metrics keys that become model-index results (every key also goes into the Results table).
+ACCURACY_KEYS = ("clean_accuracy", "robust_accuracy")
+TEXT_KEYS = ("attack", "threat_model", "dataset", "dataset_split")
 
 EVALUATION_PROTOCOL = """\
 The protocol of purifyguard's evaluation (the results below name the settings actually run):
@@ -30,17 +48,32 @@ def model_card(
     card_data: dict[str, Any] | None = None,
     repo_id: str | None = None,
     denoiser_parameters: int | None = None,
+    model_name: str | None = None,
 ) -> str:
-    """The card's text: YAML front matter (library_name, tags, card_data) and a Markdown body."""
+    """The card's text: YAML front matter (library_name, pipeline_tag, tags, model-index results
+    of the metrics, card_data) and a Markdown body.
+
+    The model-index needs a data set: metrics["dataset"], else card_data["datasets"][0], else
+    the config's training_data; without one the metrics go into the Results table only.
+    """
     diffusion_model = config.extra.get("diffusion_model")
-    front_matter = {"library_name": "purifyguard", "tags": list(TAGS)}
+    card_data = dict(card_data or {})
+    datasets = card_data.get("datasets")
+    dataset = (datasets if isinstance(datasets, str) else (datasets or [None])[0]) \
+        or config.training_data
+    front_matter = {"library_name": "purifyguard", "pipeline_tag": PIPELINE_TAG,
+                    "tags": list(TAGS)}
     if diffusion_model:
         front_matter["base_model"] = diffusion_model
-    front_matter.update(card_data or {})
-    yaml = ModelCardData(**front_matter).to_yaml()
+    results = eval_results(metrics, dataset)
+    if results:
+        front_matter.update(
+            model_name=model_name or (repo_id or "").split("/")[-1] or "purifyguard-purifier",
+            eval_results=results,
+        )
+    front_matter.update(card_data)
     where = repo_id or "path/to/this/folder"
     sections = [
-        f"---\n{yaml}\n---",
         "# Diffusion purifier (purifyguard)",
         "A diffusion purifier that noises an image to level t* and denoises it"
         + (" with adversarial guidance (AGDM)" if config.guidance == "adversarial" else "")
@@ -62,7 +95,7 @@ def model_card(
             else "No measured clean or robust accuracy was supplied when this card was written."
         ),
     ]
-    return "\n\n".join(section for section in sections if section) + "\n"
+    return _card(front_matter, sections)
 
 
 def training_section(training: dict[str, Any] | None, title: str = "How it was trained") -> str:
@@ -77,16 +110,26 @@ def training_section(training: dict[str, Any] | None, title: str = "How it was t
 def network_card(
     architecture: str, kwargs: dict[str, Any], *, title: str, description: str,
     training: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+    dataset: str | None = None, model_name: str | None = None,
 ) -> str:
-    """The card of a saved timm network folder (a classifier or a guidance network)."""
-    yaml = ModelCardData(library_name="timm", tags=["purifyguard", "image-classification"]).to_yaml()
-    arguments = ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
+    """The card of a saved timm network folder (a classifier or a guidance network), which timm
+    loads itself (library_name: timm). metrics' clean_accuracy / robust_accuracy on `dataset`
+    (or metrics["dataset"]) become model-index results."""
+    front_matter = {"library_name": "timm", "pipeline_tag": PIPELINE_TAG,
+                    "tags": list(NETWORK_TAGS)}
+    results = eval_results(metrics, dataset)
+    if results:
+        front_matter.update(model_name=model_name or title, eval_results=results)
+    arguments = ", ".join(f"{key}={value!r}" for key, value in _shown(kwargs).items())
     sections = [
-        f"---\n{yaml}\n---",
         f"# {title}",
         description,
-        ("```python\nfrom pathlib import Path\n\nfrom purifyguard.hub import load_guidance_network\n\n"
-         'network = load_guidance_network(Path("path/to/this/folder"))  # images in [0, 1]\n```'),
+        ("```python\nimport timm\n\n# timm's own loader (the folder is in timm's Hub format; "
+         '"hf-hub:user/name" once uploaded)\n'
+         'network = timm.create_model("local-dir:path/to/this/folder", pretrained=True)\n\n'
+         "# purifyguard's loader: safetensors only, nothing fetched or followed\n"
+         "from purifyguard.hub import load_guidance_network\n\n"
+         'network = load_guidance_network("path/to/this/folder")  # images in [0, 1]\n```'),
         f"## Architecture\n\n`timm.create_model({architecture!r}, {arguments})`",
         training_section(training),
         "## Results\n\n" + (
@@ -94,7 +137,71 @@ def network_card(
                    header=("metric", "value")) if metrics else "Not measured."
         ),
     ]
-    return "\n\n".join(section for section in sections if section) + "\n"
+    return _card(front_matter, sections)
+
+
+def eval_results(metrics: dict[str, Any] | None, dataset: str | None = None) -> list[EvalResult]:
+    """model-index entries for the Hub: clean accuracy (metric type accuracy) and robust
+    accuracy (type robust_accuracy, the attack in its name and args) on an image-classification
+    task. dataset: a purifyguard data set name (mapped to its Hub id) or any Hub dataset id;
+    metrics["dataset"] wins. [] when there is no accuracy or no data set to name."""
+    check_metrics(metrics)
+    metrics = metrics or {}
+    dataset = metrics.get("dataset") or dataset
+    if not dataset or all(metrics.get(key) is None for key in ACCURACY_KEYS):
+        return []
+    names = {hub_id: name for hub_id, name in HUB_DATASETS.values()}
+    dataset_type, dataset_name = HUB_DATASETS.get(dataset, (dataset, names.get(dataset, dataset)))
+    task = {"task_type": PIPELINE_TAG, "task_name": "Image Classification",
+            "dataset_type": dataset_type, "dataset_name": dataset_name,
+            "dataset_split": metrics.get("dataset_split", "test")}
+    n_examples = metrics.get("n_examples")
+    results = []
+    if metrics.get("clean_accuracy") is not None:
+        results.append(EvalResult(
+            **task, metric_type="accuracy", metric_name="clean accuracy",
+            metric_value=float(metrics["clean_accuracy"]),
+            metric_args={"n_examples": n_examples} if n_examples is not None else None,
+        ))
+    if metrics.get("robust_accuracy") is not None:
+        attack = metrics.get("attack")
+        args = {"attack": attack, "threat_model": metrics.get("threat_model"),
+                "n_examples": n_examples}
+        results.append(EvalResult(
+            **task, metric_type="robust_accuracy",
+            metric_name="robust accuracy" + (f" ({attack})" if attack else ""),
+            metric_value=float(metrics["robust_accuracy"]),
+            metric_args={key: value for key, value in args.items() if value is not None} or None,
+        ))
+    return results
+
+
+def check_metrics(metrics: dict[str, Any] | None) -> None:
+    """ValueError naming a metrics entry that cannot become a model-index result: accuracies
+    must be finite numbers, n_examples an integer, attack, threat_model, dataset and
+    dataset_split strings. Other keys are free (they go into the Results table only)."""
+    if not metrics:
+        return
+    for key in ACCURACY_KEYS:
+        value = metrics.get(key)
+        if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, bool)
+                                  or not math.isfinite(value)):
+            raise ValueError(f"metrics[{key!r}] must be a finite number, got {value!r}")
+    n_examples = metrics.get("n_examples")
+    if n_examples is not None and (not isinstance(n_examples, int) or isinstance(n_examples, bool)
+                                   or n_examples < 1):
+        raise ValueError(f"metrics['n_examples'] must be an integer >= 1, got {n_examples!r}")
+    for key in TEXT_KEYS:
+        value = metrics.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"metrics[{key!r}] must be a string, got {value!r}")
+
+
+def _card(front_matter: dict[str, Any], sections: list[str]) -> str:
+    """A huggingface_hub ModelCard of the front matter and the non-empty sections, as text."""
+    yaml = ModelCardData(**front_matter).to_yaml()
+    body = "\n\n".join(section for section in sections if section)
+    return str(ModelCard(f"---\n{yaml}\n---\n\n{body}\n"))
 
 
 def _usage(where: str) -> str:
@@ -118,6 +225,8 @@ def _settings(config: PurifierConfig) -> dict[str, Any]:
         settings["guidance scale"] = f"{config.guidance_scale:g} ({config.scale_schedule})"
     if config.guidance == "adversarial":
         settings["guidance reads"] = config.guidance_on
+        if config.guidance_layer is not None:
+            settings["guidance features"] = f"layer {config.guidance_layer}"
         settings["latent distance"] = config.distance
         settings["class term weight"] = config.class_weight
     settings["gradient for attacks"] = config.gradient_mode
@@ -136,9 +245,19 @@ def _components(
     components = {"denoiser": denoiser}
     if guidance is not None:
         name, kwargs = guidance
-        arguments = ", ".join(f"{key}={value}" for key, value in kwargs.items())
+        arguments = ", ".join(f"{key}={value}" for key, value in _shown(kwargs).items())
         components["guidance network"] = f"timm {name} ({arguments}) (guidance/)"
     return components
+
+
+def _shown(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """create_model kwargs as a card shows them: of the input settings, mean, std, input_size."""
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if not isinstance(overlay, dict):
+        return kwargs
+    shown = {key: overlay[key] for key in ("mean", "std", "input_size") if key in overlay}
+    rest = {key: value for key, value in kwargs.items() if key != "pretrained_cfg_overlay"}
+    return {**rest, "pretrained_cfg_overlay": shown} if shown else rest
 
 
 def _table(rows: dict[str, Any], header: tuple[str, str] = ("setting", "value")) -> str:

@@ -7,15 +7,15 @@ its README.md says how it was trained and what it scores.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file
-from torch import nn
-
-from purifyguard.data import FASHION_MNIST_CLASSES
-from purifyguard.hub import load_guidance_network
-from purifyguard.purifier import Purifier
 from purifyguard.registry import register_purifier
+
+if TYPE_CHECKING:  # loaded with the models, so that listing them stays light
+    import torch
+    from torch import nn
+
+    from purifyguard.purifier import Purifier
 
 ASSETS = Path(__file__).parent / "assets"
 CLASSIFIERS = {
@@ -26,6 +26,8 @@ CLASSIFIERS = {
 
 def bundled_classifier(name: str = "fashion-mnist-resnet18") -> nn.Module:
     """A bundled timm classifier (eval mode) taking 1x28x28 images in [0, 1]."""
+    from purifyguard.hub import load_guidance_network
+
     if name not in CLASSIFIERS:
         raise ValueError(f"no bundled classifier {name!r}; bundled: {sorted(CLASSIFIERS)}")
     return load_guidance_network(ASSETS / "classifiers" / name)
@@ -34,6 +36,10 @@ def bundled_classifier(name: str = "fashion-mnist-resnet18") -> nn.Module:
 def bundled_test_images() -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     """The first 512 Fashion-MNIST test images in [0, 1], (512, 1, 28, 28), their labels and the
     class names."""
+    from safetensors.torch import load_file
+
+    from purifyguard.data import FASHION_MNIST_CLASSES
+
     tensors = load_file(ASSETS / "fashion-mnist-test-512.safetensors")
     return tensors["images"].float() / 255, tensors["labels"].long(), FASHION_MNIST_CLASSES
 
@@ -56,6 +62,8 @@ BUNDLED_PURIFIERS = {  # name: (description, default for 1x28x28 classifiers)
 
 def _bundled_loader(name: str):
     def load() -> Purifier:
+        from purifyguard.purifier import Purifier
+
         return Purifier.from_pretrained(ASSETS / "purifiers" / name)
 
     return load

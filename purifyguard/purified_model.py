@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 # Luminance weights (ITU-R BT.601) for an RGB input to a grey purifier.
 _RGB_TO_GREY = (0.299, 0.587, 0.114)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "nearest-exact", "area")
+# Images per classifier call when no graph is kept.
+CLASSIFY_CHUNK = 512
 # Smaller images carry too little to classify: a 1x1 input is a mistake, not a picture.
 MIN_IMAGE_SIDE = 8
 
@@ -108,8 +110,21 @@ class PurifiedModel(nn.Module):
         return self._purify_checked(self._check_input(x), **kwargs)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of the classifier alone on images in [0, 1] (it normalises them)."""
-        return self.classifier(self.normalize(x))
+        """Logits of the classifier alone on images in [0, 1] (it normalises them).
+
+        The classifier runs in its own dtype; the logits come back in the images' dtype. Without
+        a graph, it runs on chunks of CLASSIFY_CHUNK images, so memory stays bounded.
+        """
+        dtype = next((p.dtype for p in self.classifier.parameters()), x.dtype)
+        builds_graph = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.classifier.parameters())
+        )
+        if builds_graph or len(x) <= CLASSIFY_CHUNK:
+            return self.classifier(self.normalize(x.to(dtype))).to(x.dtype)
+        return torch.cat([
+            self.classifier(self.normalize(chunk.to(dtype))).to(x.dtype)
+            for chunk in x.split(CLASSIFY_CHUNK)
+        ])
 
     def _purify_checked(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         if self.purifier is None:

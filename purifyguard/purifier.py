@@ -18,9 +18,12 @@ from purifyguard.samplers import ddim_step, ddpm_step, reverse_indices
 from purifyguard.schedule import NoiseSchedule
 from purifyguard.validation import check_images, check_int
 
+# Input values per denoiser call when purifying without a graph (see Purifier.default_chunk_size).
+CHUNK_ELEMENTS = 2**17
+
 
 class Purifier(PurifierHubMixin, nn.Module):
-    """Diffusion purification with optional guidance (METHOD.md sections 1-3).
+    """Diffusion purification with optional guidance (docs/method.md, sections 1-3).
 
     purify(x): x in [0, 1], shape (N, C, H, W) at the denoiser's resolution -> purified x in [0, 1].
     The denoiser is any diffusers UNet2DModel predicting epsilon; the schedule comes from a
@@ -83,34 +86,51 @@ class Purifier(PurifierHubMixin, nn.Module):
         return self.purify(x)
 
     def purify(
-        self, x: torch.Tensor, *, generator: torch.Generator | None = None, seed: int | None = None
+        self, x: torch.Tensor, *, generator: torch.Generator | None = None,
+        seed: int | None = None, chunk_size: int | None = None,
     ) -> torch.Tensor:
-        """Purify images in [0, 1]; a seed or generator makes the noise reproducible."""
+        """Purify images in [0, 1]; a seed or generator makes the noise reproducible.
+
+        Images of any floating dtype are accepted and returned in that dtype; the sampler runs in
+        float32 (float64 for float64 images) and each network in its own dtype. Without a graph
+        (no gradient wanted) the denoiser and guidance calls of each step run on chunks of
+        chunk_size images (default: default_chunk_size()), so memory stays bounded for any batch,
+        and the noise, drawn for the whole batch, is the same as unchunked.
+        """
         x = self._check_input(x)
+        chunk_size = self.default_chunk_size() if chunk_size is None else check_int(
+            "chunk_size", chunk_size, minimum=1)
         config = self.config
         self.last_nfe = 0
         if config.t_star == 0:
             return x
         generator = self._generator(x, generator, seed)
+        dtype = x.dtype
+        x = x.to(torch.float64 if dtype == torch.float64 else torch.float32)
         builds_graph = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
         if not builds_graph:
             with torch.no_grad():
-                return self._reverse_process(x, config, generator, graph=False)
+                return self._reverse_process(x, config, generator, chunk_size).to(dtype)
         if config.gradient_mode == "full":
-            return self._reverse_process(x, config, generator, graph=True)
+            return self._reverse_process(x, config, generator, graph=True).to(dtype)
         with torch.no_grad():
-            purified = self._reverse_process(x, config, generator, graph=False)
+            purified = self._reverse_process(x, config, generator, chunk_size)
         if config.gradient_mode == "bpda":
             # Backward Pass Differentiable Approximation: forward purifies, backward is identity.
-            return x + (purified - x).detach()
+            return (x + (purified - x).detach()).to(dtype)
         surrogate_config = config.replace(
             sampler=config.surrogate_sampler, n_steps=config.surrogate_steps
         )
         surrogate = self._reverse_process(x, surrogate_config, generator, graph=True)
         # The value of the defended process with the gradient of the cheaper one.
-        return purified + (surrogate - surrogate.detach())
+        return (purified + (surrogate - surrogate.detach())).to(dtype)
+
+    def default_chunk_size(self) -> int:
+        """Images per denoiser call when no graph is kept: CHUNK_ELEMENTS input values, e.g.
+        167 images of 1x28x28 or 42 of 3x32x32."""
+        return max(1, CHUNK_ELEMENTS // (self.channels * self.resolution**2))
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         x = check_images(x)
@@ -142,10 +162,17 @@ class Purifier(PurifierHubMixin, nn.Module):
 
     def _reverse_process(
         self, x: torch.Tensor, config: PurifierConfig, generator: torch.Generator | None,
-        graph: bool,
+        chunk_size: int | None = None, *, graph: bool = False,
     ) -> torch.Tensor:
-        """Forward-diffuse to t*, then run the sampler's reverse steps down to clean data."""
-        target = self.guidance.prepare(x) if self._guided() else None
+        """Forward-diffuse to t*, then run the sampler's reverse steps down to clean data.
+        Without a graph, each step runs chunk by chunk (the noise is drawn for the whole batch)."""
+        chunks = [slice(0, len(x))] if graph or chunk_size is None else [
+            slice(start, start + chunk_size) for start in range(0, len(x), chunk_size)
+        ]
+        target = None
+        if self._guided():
+            parts = [self.guidance.prepare(x[rows]) for rows in chunks]
+            target = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
         steps = reverse_indices(config.sampler, config.t_star, config.ddim_steps)
         x_t = self.schedule.add_noise(2 * x - 1, _randn(x, generator), steps[0][0])
         stochastic = config.sampler == "ddpm" or config.eta > 0
@@ -156,8 +183,17 @@ class Purifier(PurifierHubMixin, nn.Module):
                     self._reverse_step, x_t, noise, target, index, prev, config, graph,
                     use_reentrant=False,
                 )
-            else:
+            elif len(chunks) == 1:
                 x_t = self._reverse_step(x_t, noise, target, index, prev, config, graph)
+            else:
+                x_t = torch.cat([
+                    self._reverse_step(
+                        x_t[rows], None if noise is None else noise[rows],
+                        None if target is None else {k: v[rows] for k, v in target.items()},
+                        index, prev, config, graph,
+                    )
+                    for rows in chunks
+                ])
             self.last_nfe += 1
         return ((x_t + 1) / 2).clamp(0, 1)
 

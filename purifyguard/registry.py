@@ -1,13 +1,21 @@
-"""Named, registered purifiers, and the choice of a default for a classifier's input."""
+"""Named, registered purifiers, and the choice of a default for a classifier's input.
+
+Reading the registry is light: the purifier code (torch, diffusers) loads only when a purifier
+does, so `purifyguard list` answers at once. The bundled purifiers (purifyguard.presets) join
+the registry before any lookup.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from purifyguard.purifier import Purifier
+if TYPE_CHECKING:
+    from purifyguard.purifier import Purifier
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +45,26 @@ def register_purifier(
     return decorate
 
 
+def _with_bundled() -> dict[str, RegisteredPurifier]:
+    """The registry, the bundled purifiers included (importing presets registers them once)."""
+    importlib.import_module("purifyguard.presets")
+    return _REGISTRY
+
+
 def list_purifiers() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_with_bundled())
 
 
 def registered(name: str) -> RegisteredPurifier:
-    if name not in _REGISTRY:
+    if name not in _with_bundled():
         raise ValueError(f"no purifier registered as {name!r}; registered: {list_purifiers()}")
     return _REGISTRY[name]
 
 
 def load_purifier(spec: Purifier | str | Path) -> Purifier:
     """A purifier from an object, a registered name, a local folder or a Hub repo id."""
+    from purifyguard.purifier import Purifier
+
     if isinstance(spec, Purifier):
         return spec
     if not isinstance(spec, (str, Path)):
@@ -56,7 +72,7 @@ def load_purifier(spec: Purifier | str | Path) -> Purifier:
             f"purifier must be a Purifier, a registered name, a folder or a Hub repo id, "
             f"got {type(spec).__name__}"
         )
-    if str(spec) in _REGISTRY:
+    if str(spec) in _with_bundled():
         return _REGISTRY[str(spec)].load()
     if Path(spec).exists() or str(spec).count("/") == 1:
         return Purifier.from_pretrained(str(spec))
@@ -73,7 +89,7 @@ def default_purifier_name(channels: int | None, resolution: int | None) -> str:
     states a resolution, the two are within a factor of two of each other.
     """
     matches = [
-        entry for entry in _REGISTRY.values()
+        entry for entry in _with_bundled().values()
         if entry.default and entry.channels == channels
         and (resolution is None or 0.5 <= resolution / entry.resolution <= 2)
     ]
@@ -95,6 +111,8 @@ def default_purifier_name(channels: int | None, resolution: int | None) -> str:
     "from the Hub on first use)",
 )
 def _cifar10_ddpm() -> Purifier:
+    from purifyguard.purifier import Purifier
+
     return Purifier.from_diffusers(
         "google/ddpm-cifar10-32", t_star=100, training_data="CIFAR-10 (training split)"
     )

@@ -7,12 +7,19 @@
 Each purifier is saved in the Hub layout with its settings and the clean and transfer accuracy
 measured here on the 512 bundled test images (the adaptive figures come from the evaluation
 harness, see docs/pretrained.md). Classifier folders are copied as the training exported them.
+
+Nothing bundled names a folder of this machine: the training records in the model cards and in
+purifier_config.json keep their commands with placeholders for the paths
+(`--data-root '<fashion-mnist folder>' --output-dir '<run folder>'`, purifyguard.provenance),
+and unet/config.json loses the `_name_or_path` that diffusers writes from the folder a UNet was
+loaded from. tests/test_shipped_files.py checks the result.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -24,6 +31,7 @@ from purifyguard import PurifiedModel, Purifier
 from purifyguard.hub import guidance_architecture, load_guidance_network
 from purifyguard.model_card import network_card
 from purifyguard.presets import ASSETS, bundled_test_images
+from purifyguard.provenance import portable_command, portable_record
 
 PURIFIERS = {
     "fashion-mnist-ddpm": {"t_star": 300, "sampler": "ddim", "n_steps": 10, "guidance": "none"},
@@ -53,6 +61,10 @@ def main() -> None:
         shutil.copytree(folder, target, ignore=shutil.ignore_patterns("metrics.json"))
         if not (target / "README.md").exists():  # runs older than the routine's own card
             write_classifier_card(Path(folder), target)
+        card = target / "README.md"
+        card.write_text(re.sub(r"`(purifyguard train [^`]+)`",
+                               lambda found: f"`{portable_command(found.group(1))}`",
+                               card.read_text()))
         print(f"bundled {target}")
 
     classifier = load_guidance_network(Path(args.classifier))
@@ -76,17 +88,33 @@ def main() -> None:
         target = ASSETS / "purifiers" / name
         shutil.rmtree(target, ignore_errors=True)
         purifier.save_pretrained(target, metrics=metrics)
+        drop_name_or_path(target)
         print(f"bundled {target}: {metrics}")
 
     if args.adapted:
         adapted = Purifier.from_pretrained(args.adapted)
+        adaptation = dict(adapted.config.extra.get("adaptation", {}))
+        if Path(str(adaptation.get("classifier", ""))).resolve() == Path(args.classifier).resolve():
+            adaptation["classifier"] = "bundled fashion-mnist-resnet18"
+        adapted = adapted.with_settings(
+            extra=portable_record({**adapted.config.extra, "adaptation": adaptation}))
         torch.manual_seed(args.seed)
         metrics = measure(PurifiedModel(classifier, adapted), images, labels, adversarial)
         metrics["classifier"] = "bundled fashion-mnist-resnet18"
         target = ASSETS / "purifiers" / "fashion-mnist-agdm-adapted"
         shutil.rmtree(target, ignore_errors=True)
         adapted.save_pretrained(target, metrics=metrics)
+        drop_name_or_path(target)
         print(f"bundled {target}: {metrics}")
+
+
+def drop_name_or_path(purifier_folder: Path) -> None:
+    """Remove the `_name_or_path` diffusers records in unet/config.json: the folder the UNet was
+    loaded from, a path of this machine."""
+    config_file = purifier_folder / "unet" / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def training_record(final: str | Path, routine: str) -> dict[str, object]:
@@ -103,15 +131,14 @@ def training_record(final: str | Path, routine: str) -> dict[str, object]:
             flags.append(json.dumps(value))
         elif value is not True:
             flags.append(str(value))
-    return {"command": shlex.join(["purifyguard", "train", routine, *flags]),
+    return {"command": portable_command(shlex.join(["purifyguard", "train", routine, *flags])),
             "steps": options["steps"], "data": f"{options['data']} (training split)",
             "seed": options["seed"]}
 
 
 def write_classifier_card(run_final: Path, target: Path) -> None:
     network = load_guidance_network(run_final)
-    architecture, kwargs = guidance_architecture(network, json.loads(
-        (run_final / "config.json").read_text())["kwargs"])
+    architecture, kwargs = guidance_architecture(network)
     metrics = json.loads((run_final / "metrics.json").read_text())
     (target / "README.md").write_text(network_card(
         architecture, kwargs, title=f"{architecture} Fashion-MNIST classifier (purifyguard)",

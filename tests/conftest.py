@@ -17,7 +17,8 @@ torch.set_num_threads(1)
 
 
 def make_unet(seed: int = 0) -> UNet2DModel:
-    """A ~0.2M-parameter 1x28x28 denoiser with attention blocks (METHOD.md's double-backward pitfall)."""
+    """A ~0.2M-parameter 1x28x28 denoiser with attention blocks (the double-backward pitfall,
+    docs/method.md section 3)."""
     torch.manual_seed(seed)
     return UNet2DModel(
         sample_size=28, in_channels=1, out_channels=1, block_out_channels=(16, 32, 32),

@@ -158,7 +158,7 @@ def test_a_guidance_config_naming_a_checkpoint_path_is_refused(saved, tmp_path):
     planted = tmp_path / "elsewhere.pth"
     torch.save({}, planted)
     edit_json(saved / "guidance" / "config.json",
-              lambda v: v["kwargs"].update(checkpoint_path=str(planted)))
+              lambda v: v["model_args"].update(checkpoint_path=str(planted)))
     with pytest.raises(ValueError, match=r"kwargs \['checkpoint_path'\] are refused"):
         Purifier.from_pretrained(saved)
 
@@ -184,7 +184,7 @@ def test_a_guidance_config_without_architecture_names_the_file(saved):
 
 def test_guidance_weights_that_do_not_match_the_config_name_the_tensor(saved):
     edit_json(saved / "guidance" / "config.json",
-              lambda v: v["kwargs"].update(channels=[8, 16, 32, 32]))
+              lambda v: v["model_args"].update(channels=[8, 16, 32, 32]))
     with pytest.raises(ValueError, match="does not match the architecture of its config.json"):
         Purifier.from_pretrained(saved)
 

@@ -130,16 +130,28 @@ def test_saving_an_unguided_purifier_over_a_guided_one_drops_the_guidance_networ
 
 def test_guidance_network_needs_the_kwargs_that_rebuild_it(tmp_path):
     purifier = guided_purifier()
-    with pytest.raises(ValueError, match="guidance_kwargs"):
-        purifier.save_pretrained(tmp_path / "p")  # channels=(8, 16, 32, 64) is not recorded
+    if not hasattr(purifier.guidance_network, "_model_args"):  # a timm that records no args
+        with pytest.raises(ValueError, match="guidance_kwargs"):
+            purifier.save_pretrained(tmp_path / "p")  # channels=(8, 16, 32, 64) is not recorded
+    del purifier.guidance_network._model_args  # what timm recorded when it built the network
+    with pytest.raises(ValueError, match="fc.weight .*guidance_kwargs"):
+        purifier.save_pretrained(tmp_path / "p")
+    assert not (tmp_path / "p" / "guidance").exists()  # checked before anything is written
+    assert not (tmp_path / "p" / "unet").exists()
 
     network = create_guidance_network("resnet10t", num_classes=10, in_chans=1, **GUIDANCE_KWARGS)
     Purifier(tiny_unet(), guidance_network=network, guidance="adversarial").save_pretrained(
         tmp_path / "q"
     )
     saved = json.loads((tmp_path / "q" / "guidance" / "config.json").read_text())
-    assert saved == {"library": "timm", "architecture": "resnet10t",
-                     "kwargs": {"num_classes": 10, "in_chans": 1, "channels": [8, 16, 32, 64]}}
+    # timm's own Hub format (timm.models.save_for_hf), plus the "library" key timm ignores.
+    assert saved["architecture"] == "resnet10t" and saved["num_classes"] == 10
+    assert saved["library"] == "timm" and "kwargs" not in saved
+    assert {"num_classes": 10, "in_chans": 1, "channels": [8, 16, 32, 64]}.items() \
+        <= saved["model_args"].items()
+    assert saved["pretrained_cfg"]["input_size"][0] == 1
+    assert {p.name for p in (tmp_path / "q").iterdir()} == {
+        "README.md", "purifier_config.json", "unet", "scheduler", "guidance"}  # no staging left
 
 
 def test_loading_a_repo_id_goes_through_the_offline_hub_cache(saved, offline_hub):
@@ -274,12 +286,67 @@ def test_model_card_states_settings_training_data_and_metrics(tmp_path):
     card = ModelCard.load(tmp_path / "p" / "README.md")
 
     assert card.data.library_name == "purifyguard"
-    assert "adversarial-purification" in card.data.tags
+    assert card.data.pipeline_tag == "image-classification"
+    for tag in ("adversarial-purification", "adversarial-robustness", "diffusion-purification"):
+        assert tag in card.data.tags, tag
     assert card.data.license == "mit"
     for text in ("Fashion-MNIST (training split)", "| clean_accuracy | 0.9123 |",
                  "| attack | PGD-20 EOT-4 |", "timm resnet10t", "| guidance | adversarial |",
-                 "Evaluation protocol"):
+                 "Evaluation protocol", "## Settings", "## Components", "## Results"):
         assert text in card.text, text
+
+
+def test_model_card_metrics_become_model_index_results(tmp_path):
+    """ModelCard.load(README.md).data.eval_results holds the metrics passed to save_pretrained:
+    the Hub indexes them (model-index), the attack named in the robust metric."""
+    metrics = {"clean_accuracy": 0.84, "robust_accuracy": 0.52, "attack": "PGD-200 EOT-20",
+               "threat_model": "Linf 0.1", "n_examples": 512, "dataset": "fashion-mnist",
+               "classifier": "bundled fashion-mnist-resnet18"}
+    guided_purifier().save_pretrained(tmp_path / "my-purifier", metrics=metrics,
+                                      guidance_kwargs=GUIDANCE_KWARGS)
+
+    card = ModelCard.load(tmp_path / "my-purifier" / "README.md")
+
+    results = {result.metric_type: result for result in card.data.eval_results}
+    assert set(results) == {"accuracy", "robust_accuracy"}
+    for result in results.values():
+        assert result.task_type == "image-classification"
+        assert result.dataset_type == "zalando-datasets/fashion_mnist"
+        assert result.dataset_name == "Fashion-MNIST" and result.dataset_split == "test"
+    assert results["accuracy"].metric_value == 0.84
+    assert results["accuracy"].metric_args == {"n_examples": 512}
+    assert results["robust_accuracy"].metric_value == 0.52
+    assert results["robust_accuracy"].metric_name == "robust accuracy (PGD-200 EOT-20)"
+    assert results["robust_accuracy"].metric_args == {
+        "attack": "PGD-200 EOT-20", "threat_model": "Linf 0.1", "n_examples": 512}
+    assert card.data.model_name == "my-purifier"
+    assert "model-index:" in (tmp_path / "my-purifier" / "README.md").read_text()
+    assert "| classifier | bundled fashion-mnist-resnet18 |" in card.text  # the table keeps all
+
+    # Without a data set (no metrics["dataset"], datasets or training_data) no model-index.
+    guided_purifier().save_pretrained(tmp_path / "q", metrics={"clean_accuracy": 0.8},
+                                      guidance_kwargs=GUIDANCE_KWARGS)
+    assert not ModelCard.load(tmp_path / "q" / "README.md").data.eval_results
+    # card_data's datasets name it otherwise.
+    guided_purifier().save_pretrained(
+        tmp_path / "r", metrics={"clean_accuracy": 0.8}, guidance_kwargs=GUIDANCE_KWARGS,
+        card_data={"datasets": ["uoft-cs/cifar10"]})
+    (result,) = ModelCard.load(tmp_path / "r" / "README.md").data.eval_results
+    assert (result.dataset_type, result.dataset_name, result.metric_value) == (
+        "uoft-cs/cifar10", "CIFAR-10", 0.8)
+
+
+@pytest.mark.parametrize("metrics,message", [
+    ({"clean_accuracy": "0.9"}, r"metrics\['clean_accuracy'\] must be a finite number"),
+    ({"robust_accuracy": float("nan")}, r"metrics\['robust_accuracy'\] must be a finite"),
+    ({"n_examples": 2.5}, r"metrics\['n_examples'\] must be an integer"),
+    ({"attack": 20}, r"metrics\['attack'\] must be a string"),
+])
+def test_metrics_that_cannot_become_model_index_results_are_refused(tmp_path, metrics, message):
+    with pytest.raises(ValueError, match=message):
+        guided_purifier().save_pretrained(tmp_path / "p", metrics=metrics,
+                                          guidance_kwargs=GUIDANCE_KWARGS)
+    assert not (tmp_path / "p").exists()
 
 
 def test_push_to_hub_uploads_the_full_folder(tmp_path):
@@ -299,6 +366,16 @@ def test_push_to_hub_uploads_the_full_folder(tmp_path):
     assert uploaded["repo_id"] == "user/tiny"
     assert uploaded["files"] == FULL_LAYOUT
     assert url == "https://huggingface.co/user/tiny/commit/abc"
+    # upload_folder itself filters: only the layout, never a pickle or a checkpoint.
+    assert set(uploaded["allow_patterns"]) == FULL_LAYOUT
+    assert {"*.bin", "*.pt", "*.pkl", "checkpoints/*"} <= set(uploaded["ignore_patterns"])
+    assert uploaded["delete_patterns"] is None
+
+    # An unguided purifier deletes a guidance network pushed to the repository before.
+    with mock.patch.object(HfApi, "create_repo"), \
+            mock.patch.object(HfApi, "upload_folder", upload_folder):
+        Purifier(tiny_unet(), DDPMScheduler(), t_star=5).push_to_hub("user/tiny")
+    assert uploaded["delete_patterns"] == ["guidance/config.json", "guidance/model.safetensors"]
 
 
 def test_push_to_hub_dry_run_lists_the_files_and_contacts_nothing():
@@ -310,3 +387,24 @@ def test_push_to_hub_dry_run_lists_the_files_and_contacts_nothing():
     assert all(size > 0 for size in files.values())
     create_repo.assert_not_called()
     upload_folder.assert_not_called()
+
+
+def test_push_to_hub_never_lists_a_pickle_even_if_one_sits_in_the_source(monkeypatch):
+    """A denoiser whose save_pretrained also leaves pickles behind (as diffusers does with
+    safe_serialization=False) and a stray checkpoints/ folder: the dry run, filtered with the
+    patterns upload_folder gets, lists the layout only."""
+    purifier = guided_purifier()
+    save = purifier.unet.save_pretrained
+
+    def save_with_pickles(folder, **kwargs):
+        save(folder, **kwargs)
+        torch.save({"w": torch.zeros(1)}, Path(folder) / "diffusion_pytorch_model.bin")
+        torch.save({}, Path(folder).parent / "optimizer.pt")
+        (Path(folder).parent / "checkpoints" / "step_1").mkdir(parents=True)
+        torch.save({}, Path(folder).parent / "checkpoints" / "step_1" / "state.pkl")
+        (Path(folder).parent / "checkpoints" / "step_1" / "model.safetensors").write_bytes(b"x")
+
+    monkeypatch.setattr(purifier.unet, "save_pretrained", save_with_pickles)
+    files = purifier.push_to_hub("user/tiny", dry_run=True, guidance_kwargs=GUIDANCE_KWARGS)
+    assert set(files) == FULL_LAYOUT
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)

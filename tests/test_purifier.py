@@ -157,9 +157,9 @@ def test_checkpointing_gives_the_same_gradients(make_purifier, images, guidance)
 
 
 def test_double_backward_through_attention_with_guidance_on_x0_hat(make_purifier, images):
-    """METHOD.md pitfall: the default CPU attention kernel has no double backward. The gradient
-    of a full-mode attack must flow through the guidance gradient, itself a backward through
-    the UNet's attention blocks."""
+    """docs/method.md, section 3: the default CPU attention kernel has no double backward. The
+    gradient of a full-mode attack must flow through the guidance gradient, itself a backward
+    through the UNet's attention blocks."""
     purifier = guided(make_purifier, "adversarial", guidance_on="x0_hat")
     assert any(isinstance(m, Attention) for m in purifier.unet.modules()), "UNet has no attention"
     classifier = tiny_classifier()

@@ -377,7 +377,8 @@ def test_steps_zero_stops_the_command_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:  # it used to export an untrained model, exit 0
         train_main(["diffusion", "--output-dir", str(tmp_path / "run"), "--steps", "0"])
     assert refused.value.code == 2
-    assert "argument --steps: expected an integer >= 1, got '0'" in capsys.readouterr().err
+    assert ("argument --optimizer-steps/--steps: expected an integer >= 1, got '0'"
+            in capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
 
 

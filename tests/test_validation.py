@@ -119,9 +119,17 @@ def test_adversarial_guidance_needs_a_guidance_network(unet):
         Purifier(unet, guidance="adversarial", guidance_scale=1.0)
 
 
-def test_a_guidance_network_that_is_not_a_timm_model(unet):
-    with pytest.raises(ValueError, match="timm model"):
-        Purifier(unet, guidance_network=grey_classifier(), guidance="adversarial")
+def test_a_guidance_network_without_features_to_read(unet):
+    """Any nn.Module classifier guides (features: the input of its last nn.Linear); one without
+    an nn.Linear needs guidance_layer, and a guidance_layer must exist."""
+    Purifier(unet, guidance_network=grey_classifier(), guidance="adversarial")
+    no_linear = torch.nn.Sequential(torch.nn.Conv2d(1, 10, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                    torch.nn.Flatten())
+    with pytest.raises(ValueError, match="no nn.Linear layer.*guidance_layer"):
+        Purifier(unet, guidance_network=no_linear, guidance="adversarial")
+    with pytest.raises(ValueError, match="guidance_layer 'layer9' is not a layer"):
+        Purifier(unet, guidance_network=grey_classifier(), guidance="adversarial",
+                 guidance_layer="layer9")
 
 
 @pytest.mark.parametrize(

@@ -3,14 +3,33 @@
     from purifyguard import evaluate
     report = evaluate(model, dataset, ["pgd:eps=0.1,steps=200,eot=20"], n=512, runs=5,
                       output_dir="runs/eval")
+
+The names below load on first use (PEP 562), so that the command line (purifyguard.evaluation.cli)
+builds its options without importing torch, torchattacks or diffusers.
 """
 
-from purifyguard.evaluation.attacks import AttackSpec, default_attacks, parse_attack
-from purifyguard.evaluation.compare import build_defences, compare
-from purifyguard.evaluation.harness import OutputFolderInUse, evaluate, evaluate_models
-from purifyguard.evaluation.report import markdown_table, validate_report
-from purifyguard.evaluation.sanity import run_sanity_checks
-from purifyguard.evaluation.stats import wilson_interval
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "AttackSpec": "purifyguard.evaluation.attacks",
+    "OutputFolderInUse": "purifyguard.evaluation.harness",
+    "build_defences": "purifyguard.evaluation.compare",
+    "compare": "purifyguard.evaluation.compare",
+    "default_attacks": "purifyguard.evaluation.attacks",
+    "evaluate": "purifyguard.evaluation.harness",
+    "evaluate_models": "purifyguard.evaluation.harness",
+    "markdown_table": "purifyguard.evaluation.report",
+    "parse_attack": "purifyguard.evaluation.attacks",
+    "run_sanity_checks": "purifyguard.evaluation.sanity",
+    "validate_report": "purifyguard.evaluation.report",
+    "wilson_interval": "purifyguard.evaluation.stats",
+}
 
 __all__ = [
     "AttackSpec",
@@ -26,3 +45,37 @@ __all__ = [
     "validate_report",
     "wilson_interval",
 ]
+
+if TYPE_CHECKING:  # what type checkers, IDEs and the API docs see
+    from purifyguard.evaluation.attacks import AttackSpec, default_attacks, parse_attack
+    from purifyguard.evaluation.compare import build_defences, compare
+    from purifyguard.evaluation.harness import OutputFolderInUse, evaluate, evaluate_models
+    from purifyguard.evaluation.report import markdown_table, validate_report
+    from purifyguard.evaluation.sanity import run_sanity_checks
+    from purifyguard.evaluation.stats import wilson_interval
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'purifyguard.evaluation' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """`purifyguard.evaluation.compare` is the function, as it was when this package imported
+    everything at once: importing the submodule of the same name would otherwise make the
+    attribute the module."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

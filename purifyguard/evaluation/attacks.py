@@ -28,7 +28,7 @@ from purifyguard.validation import check_bool, check_choice, check_int, check_nu
 
 KINDS = ("pgd", "autoattack-rand", "bpda", "transfer", "square")
 GRADIENTS = ("full", "surrogate")
-# Reference settings of the protocol (shared/METHOD.md section 5, after Lee and Kim 2023).
+# Reference settings of the protocol (docs/evaluation.md, "The protocol"; after Lee and Kim 2023).
 REFERENCE_STEPS = 200
 REFERENCE_EOT = 20
 REFERENCE_APGD_STEPS = 100  # AutoAttack's own iteration count for APGD

@@ -1,39 +1,153 @@
 """`purifyguard evaluate` and `purifyguard compare`: the command-line front of evaluation.
 
-The model: a timm classifier behind a purifier (--purifier: a registered name, a folder or a Hub
-repo id, "none" for the bare classifier; default: the registered default for the classifier's
-input), with optional purifier changes (--purifier-setting t_star=20). The classifier is one of
-- a classifier folder as purifyguard writes it (config.json with the timm architecture and its
-  create_model kwargs, normalisation included, + model.safetensors), named by --classifier FOLDER,
-  by a bundled name (fashion-mnist-resnet18), or by --checkpoint FOLDER/model.safetensors;
-- a timm name with --checkpoint FILE.safetensors (or --pretrained); normalisation is then timm's
-  pretrained config for that name unless --mean/--std say otherwise.
-Attacks: --attack repeated, in the syntax of attacks.parse_attack, or the protocol's set at
---norm/--eps/--steps/--eot.
+The model: a classifier behind a purifier (--purifier: a registered name, a folder or a Hub repo
+id, "none" for the bare classifier; default: the registered default for the classifier's input),
+with optional purifier changes (--purifier-setting t_star=20). The classifier (--classifier) is
+- a bundled classifier (fashion-mnist-resnet18, fashion-mnist-resnet18-trades) or a classifier
+  folder as purifyguard writes it (config.json with the timm architecture and its create_model
+  kwargs, normalisation included, + model.safetensors), also named by --checkpoint
+  FOLDER/model.safetensors;
+- a timm name with --checkpoint FILE.safetensors or --pretrained; normalisation: timm's
+  pretrained config for that name;
+- a torchvision name (torchvision.models.list_models(); "torchvision:NAME" when timm has the
+  name too) with --checkpoint or --pretrained (its DEFAULT weights, whose normalisation is used);
+- robustbench:<dataset>/<threat model>/<model>, a RobustBench model-zoo model, which takes [0, 1]
+  images and normalises them itself.
+--mean/--std override the normalisation. Attacks: --attack repeated, in the syntax of
+attacks.parse_attack, or the protocol's set at --norm/--eps/--attack-steps/--eot.
+
+Building the options imports no model code (torch, timm, torchattacks, diffusers load when the
+command runs), so `purifyguard evaluate --help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from torch import nn
-
-from purifyguard.data import DATASETS
-from purifyguard.evaluation.attacks import default_attacks, parse_attack
-from purifyguard.evaluation.compare import GUIDANCE_VARIANTS, build_defences, compare
-from purifyguard.evaluation.harness import evaluate
-from purifyguard.evaluation.report import markdown_table
 from purifyguard.option_types import positive_float, positive_int
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
 COMMANDS = ("evaluate", "compare")
 CLASSIFIER_CONFIG = "config.json"
 CLASSIFIER_WEIGHTS = "model.safetensors"
+ROBUSTBENCH_PREFIX = "robustbench:"
+TORCHVISION_PREFIX = "torchvision:"
+# Light copies of purifyguard.data.DATASETS and purifyguard.evaluation.compare.GUIDANCE_VARIANTS
+# (those modules import torch); tests/test_cli.py checks that they match.
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
+GUIDANCE_VARIANTS = ("none", "pixel", "adversarial")
+
+DESCRIPTIONS = {
+    "evaluate": """\
+Clean and robust accuracy of one defence, a classifier behind a purifier, under adaptive attacks.
+Writes report.json, report.md and image grids to --output-dir; a rerun resumes from the batches
+already there.
+
+--classifier is one of
+  fashion-mnist-resnet18             a bundled classifier (or fashion-mnist-resnet18-trades)
+  FOLDER                             a classifier folder: config.json + model.safetensors
+  resnet18                           a timm name, with --checkpoint FILE.safetensors or --pretrained
+  torchvision:resnet18               a torchvision name (plain when timm lacks it, e.g. vit_b_16),
+                                     with --checkpoint or --pretrained (its DEFAULT weights)
+  robustbench:cifar10/Linf/MODEL     a RobustBench model-zoo model (it normalises its input)
+
+example:
+  purifyguard evaluate --classifier fashion-mnist-resnet18 --purifier fashion-mnist-agdm \\
+      --attack "pgd:eps=0.1,steps=200,eot=20" --n 512 --runs 5 --output-dir runs/eval
+""",
+    "compare": """\
+Several defences side by side on the same images, attacks and seeds: the undefended classifier,
+an adversarially trained classifier (--robust-classifier) and the purifier with each guidance
+mode (--guidance). Options and classifier names as for `purifyguard evaluate`.
+
+example:
+  purifyguard compare --classifier fashion-mnist-resnet18 \\
+      --robust-classifier fashion-mnist-resnet18-trades --purifier fashion-mnist-agdm \\
+      --guidance-scale pixel=1 --output-dir runs/compare
+""",
+}
+
+# Run-time names, imported on first use (PEP 562); tests may replace them (monkeypatch).
+_LATE = {
+    "evaluate": "purifyguard.evaluation.harness",
+    "compare": "purifyguard.evaluation.compare",
+    "build_defences": "purifyguard.evaluation.compare",
+    "default_attacks": "purifyguard.evaluation.attacks",
+    "parse_attack": "purifyguard.evaluation.attacks",
+    "markdown_table": "purifyguard.evaluation.report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LATE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LATE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def _late(*names: str) -> tuple[Any, ...]:
+    """The run-time functions, through this module's attributes (so a replaced one is used)."""
+    module = sys.modules[__name__]
+    return tuple(getattr(module, name) for name in names)
+
+
+def device_name(value: Any) -> str:
+    """argparse type of --device: a torch device string (cpu, cuda, cuda:1, mps, ...)."""
+    import torch
+
+    try:
+        return str(torch.device(str(value).strip()))
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"expected a device such as cpu, cuda or cuda:1, got {value!r}") from None
+
+
+def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--device", type=device_name,
+                        help="where the models run: cpu, cuda, cuda:1, ... (default: cuda if "
+                             "available, else cpu; under accelerate launch, each process's own "
+                             "GPU)")
+
+
+def evaluation_device(requested: str | None) -> torch.device | None:
+    """The device of --device for evaluate()'s device=, checked (ValueError); None leaves the
+    choice to accelerate: this process's GPU if there is one, else the CPU. Under accelerate
+    launch (several processes), --device cpu moves the whole process group to the CPU and a
+    GPU index is refused: each process takes its own GPU."""
+    if requested is None:
+        return None
+    import torch
+
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: CUDA is not available here; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {requested}: this machine has {count} GPU(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device.type == "cpu":
+            os.environ["ACCELERATE_USE_CPU"] = "true"  # read when the process group starts
+        elif device.index is not None:
+            raise ValueError(
+                f"--device {requested}: under accelerate launch each process runs on its own "
+                f"GPU; give --device {device.type} or leave it out"
+            )
+    return device
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str = "evaluate") -> None:
@@ -43,58 +157,86 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "evaluate") ->
     parser.set_defaults(evaluation_command=command)
     model = parser.add_argument_group("model")
     model.add_argument("--classifier", required=True,
-                       help="timm model name (e.g. resnet10t, with --checkpoint or --pretrained), "
-                            "a classifier folder (config.json + model.safetensors) or a bundled "
-                            "classifier (fashion-mnist-resnet18)")
-    model.add_argument("--checkpoint", help="the classifier's weights (.safetensors); a "
-                       "config.json beside them (a purifyguard classifier folder) is used")
-    model.add_argument("--pretrained", action="store_true", help="timm's pretrained weights")
-    model.add_argument("--num-classes", type=positive_int, help="default: the data set's classes")
-    model.add_argument("--in-chans", type=positive_int, help="default: the data set's channels")
-    model.add_argument("--mean", type=float, nargs="+", help="normalisation mean (default: the "
-                       "classifier folder's, else timm's)")
-    model.add_argument("--std", type=float, nargs="+", help="normalisation std (default: the "
-                       "classifier folder's, else timm's)")
-    model.add_argument("--purifier", help="registered name, folder or Hub id; 'none': undefended")
+                       help="a bundled classifier (fashion-mnist-resnet18), a classifier folder "
+                            "(config.json + model.safetensors), a timm or torchvision name (with "
+                            "--checkpoint or --pretrained; torchvision:NAME picks torchvision "
+                            "where timm has the name too) or robustbench:<dataset>/<threat "
+                            "model>/<model>")
+    model.add_argument("--checkpoint", help="the classifier's weights (.safetensors; default: "
+                       "none); a purifyguard config.json beside them is used")
+    model.add_argument("--pretrained", action="store_true",
+                       help="timm's pretrained weights, or torchvision's DEFAULT weights")
+    model.add_argument("--robustbench-dir",
+                       help="folder of RobustBench checkpoints, <dir>/<dataset>/<threat model>/"
+                            "<model>.pt (default: $PURIFYGUARD_CACHE/robustbench, "
+                            "~/.cache/purifyguard/robustbench)")
+    model.add_argument("--num-classes", type=positive_int,
+                       help="classes of a timm or torchvision classifier (default: the data "
+                            "set's)")
+    model.add_argument("--in-chans", type=positive_int,
+                       help="input channels of a timm classifier (default: the data set's)")
+    model.add_argument("--mean", type=float, nargs="+",
+                       help="normalisation mean (default: the classifier's own: its folder's, "
+                            "timm's or torchvision's)")
+    model.add_argument("--std", type=float, nargs="+",
+                       help="normalisation std (default: the classifier's own, as --mean)")
+    model.add_argument("--purifier",
+                       help="registered name, folder or Hub id; 'none': undefended (default: the "
+                            "registered default for the classifier's input)")
     model.add_argument("--purifier-setting", action="append", default=[], metavar="KEY=VALUE",
                        help="change a purifier setting, e.g. t_star=20 or fixed_noise=true "
-                            "(repeatable; true/false, none, numbers and strings)")
+                            "(repeatable; true/false, none, numbers and strings; default: none)")
     model.add_argument("--n-samples", type=positive_int, default=1,
                        help="purifications averaged per call")
+    add_device_argument(model)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="fashion-mnist", choices=DATASETS,
                       help="the test split of this data set")
-    data.add_argument("--data-root", help="folder of the data set (see purifyguard.data)")
+    data.add_argument("--data-root",
+                      help="folder of the data set; imagefolder: the class sub-folders "
+                           "(default: Fashion-MNIST from $PURIFYGUARD_FASHION_MNIST or Debian's "
+                           "/usr/share/datasets/fashion-mnist, CIFAR from "
+                           "~/.cache/purifyguard/<name>)")
     run = parser.add_argument_group("evaluation")
     run.add_argument("--attack", action="append", metavar="SPEC",
                      help='e.g. "pgd:eps=0.1,steps=200,eot=20" (repeatable; default: the '
-                          "protocol's pgd, autoattack-rand, bpda, transfer, square)")
-    run.add_argument("--norm", default="linf", choices=("linf", "l2"), help="for the default set")
-    run.add_argument("--eps", type=positive_float, default=0.1, help="for the default set")
-    run.add_argument("--steps", type=positive_int, default=200, help="for the default set")
-    run.add_argument("--eot", type=positive_int, default=20, help="for the default set")
+                          "protocol's pgd, autoattack-rand, bpda, transfer and square, set by the "
+                          "five options below)")
+    run.add_argument("--norm", default="linf", choices=("linf", "l2"),
+                     help="threat model of the default attacks")
+    run.add_argument("--eps", type=positive_float, default=0.1,
+                     help="radius of the default attacks")
+    run.add_argument("--attack-steps", "--steps", dest="steps", metavar="N", type=positive_int,
+                     default=200, help="iterations of the default gradient attacks (PGD, BPDA, "
+                     "transfer); --steps is the old name")
+    run.add_argument("--eot", type=positive_int, default=20,
+                     help="EOT samples per gradient of the default attacks")
     run.add_argument("--queries", type=positive_int, default=5000,
-                     help="square queries, default set")
-    run.add_argument("--n", type=positive_int, default=512, help="test examples (the first n)")
-    run.add_argument("--batch-size", type=positive_int, default=64)
+                     help="queries of the default square attack")
+    run.add_argument("--n", type=positive_int, default=512, help="test examples")
+    run.add_argument("--batch-size", type=positive_int, default=64,
+                     help="examples per batch, per process")
     run.add_argument("--runs", type=positive_int, default=5, help="R purifications per verdict")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed of the attacks, purifications and example choice")
     run.add_argument("--output-dir", required=True, help="batches, report.json/.md, grids")
     run.add_argument("--no-resume", action="store_true", help="recompute finished batches")
     run.add_argument("--sanity", action="store_true", help="run the sanity checks too")
     run.add_argument("--sanity-n", type=positive_int,
-                     help="examples for the sanity checks (default 64)")
-    run.add_argument("--no-progress", action="store_true")
+                     help="examples for the sanity checks (default: min(64, n))")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
     if command == "compare":
         extra = parser.add_argument_group("compare")
-        extra.add_argument("--robust-classifier", help="an adversarially trained classifier "
-                           "(same input): timm name, classifier folder or bundled name")
-        extra.add_argument("--robust-checkpoint", help="its weights (.safetensors)")
+        extra.add_argument("--robust-classifier",
+                           help="an adversarially trained classifier on the same input, named "
+                                "as --classifier (default: none)")
+        extra.add_argument("--robust-checkpoint",
+                           help="its weights (.safetensors; default: none)")
         extra.add_argument("--guidance", nargs="+", default=list(GUIDANCE_VARIANTS),
                            choices=GUIDANCE_VARIANTS, help="purifier variants to compare")
         extra.add_argument("--guidance-scale", action="append", default=[], metavar="MODE=S",
-                           help="scale of one variant, e.g. pixel=1 (default: the purifier's "
-                           "own scale, which suits only its own mode)")
+                           help="scale of one variant, e.g. pixel=1 (repeatable; default: the "
+                                "purifier's own scale, which suits only its own mode)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,6 +244,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     Problems with the options, the files they name or the data raise ValueError (or
     FileNotFoundError) with a message for the user; purifyguard's main prints it."""
+    evaluate, compare, build_defences, default_attacks, parse_attack, markdown_table = _late(
+        "evaluate", "compare", "build_defences", "default_attacks", "parse_attack",
+        "markdown_table")
     purifier_settings = parse_settings(args.purifier_setting, "--purifier-setting")
     if purifier_settings and args.purifier is not None and args.purifier.lower() == "none":
         raise ValueError("--purifier-setting changes a purifier, but --purifier none has none")
@@ -112,23 +257,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                     raw=True).items()}
     attacks = ([parse_attack(a) for a in args.attack] if args.attack else default_attacks(
         args.norm, args.eps, args.steps, args.eot, args.queries))
+    device = evaluation_device(getattr(args, "device", None))
     dataset = _test_split(args.dataset, args.data_root)
     first_image = dataset[0][0]
     classes = tuple(getattr(dataset, "classes", ()))
     in_chans = args.in_chans or first_image.shape[0]
     num_classes = args.num_classes or len(classes) or None
-    classifier = load_classifier(args.classifier, args.checkpoint, args.pretrained, in_chans,
-                                 num_classes)
-    _check_fits(classifier, "--classifier", first_image.shape[0], len(classes), args.dataset)
+    robustbench_dir = getattr(args, "robustbench_dir", None)
+    classifier = _load_classifier(args.classifier, args.checkpoint, args.pretrained, in_chans,
+                                  num_classes, option="--classifier",
+                                  robustbench_dir=robustbench_dir)
+    _check_fits(classifier.module, "--classifier", first_image.shape[0], len(classes),
+                args.dataset)
     model = _purified_model(args, classifier, settings=purifier_settings)
     print(f"classifier {args.classifier}: input normalisation "
-          f"{model.normalize.extra_repr()} ({model.normalization_source})")
+          f"{model.normalize.extra_repr()} ({_normalization_source(args, classifier, model)})")
     settings = {
         "n": args.n, "batch_size": args.batch_size, "runs": args.runs, "seed": args.seed,
         "output_dir": args.output_dir, "resume": not args.no_resume, "sanity": args.sanity,
         "sanity_n": args.sanity_n, "class_names": classes or None,
         "progress": not args.no_progress,
     }
+    if device is not None:
+        settings["device"] = device
     if args.evaluation_command == "evaluate":
         name = _model_name(args.classifier)
         name = name if model.purifier is None else f"{name}+purifier"
@@ -136,11 +287,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         robust = None
         if args.robust_classifier:
-            robust_classifier = load_classifier(
+            robust_classifier = _load_classifier(
                 args.robust_classifier, args.robust_checkpoint, False, in_chans, num_classes,
-                option="--robust-classifier",
+                option="--robust-classifier", robustbench_dir=robustbench_dir,
             )
-            _check_fits(robust_classifier, "--robust-classifier", first_image.shape[0],
+            _check_fits(robust_classifier.module, "--robust-classifier", first_image.shape[0],
                         len(classes), args.dataset)
             robust = _purified_model(args, robust_classifier, purifier=False)
         report = compare(build_defences(model, robust, args.guidance, scales), dataset, attacks,
@@ -151,7 +302,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _test_split(name: str, root: str | None):
     """The data set's test split, or ValueError saying what is missing."""
-    from purifyguard.data import load_dataset
+    from purifyguard.data import DATASETS, load_dataset
 
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r} (--dataset); choose one of {DATASETS}")
@@ -172,20 +323,121 @@ def _test_split(name: str, root: str | None):
     return dataset
 
 
+class LoadedClassifier(NamedTuple):
+    """A classifier and how PurifiedModel should normalise its input (mean/std or a torchvision
+    weights enum; empty: read off the model), with where that comes from when it is not the
+    model's own config."""
+
+    module: nn.Module
+    normalization: dict[str, Any]
+    source: str | None = None
+
+
 def load_classifier(name: str, checkpoint: str | None = None, pretrained: bool = False,
                     in_chans: int | None = None, num_classes: int | None = None, *,
-                    option: str = "--classifier") -> nn.Module:
+                    option: str = "--classifier",
+                    robustbench_dir: str | None = None) -> nn.Module:
     """The classifier the options name (see the module docstring), in eval mode on the CPU.
 
     A classifier folder brings its own architecture settings and normalisation (restored by
     purifyguard.hub.load_guidance_network); a bare checkpoint is loaded into
-    timm.create_model(name, in_chans=..., num_classes=...)."""
+    timm.create_model(name, in_chans=..., num_classes=...) or torchvision's builder."""
+    return _load_classifier(name, checkpoint, pretrained, in_chans, num_classes, option=option,
+                            robustbench_dir=robustbench_dir).module
+
+
+def _load_classifier(name: str, checkpoint: str | None, pretrained: bool, in_chans: int | None,
+                     num_classes: int | None, *, option: str,
+                     robustbench_dir: str | None = None) -> LoadedClassifier:
+    if name.startswith(ROBUSTBENCH_PREFIX):
+        return _robustbench_classifier(name, checkpoint, pretrained, option, robustbench_dir)
+    if name.startswith(TORCHVISION_PREFIX):
+        return _torchvision_classifier(name[len(TORCHVISION_PREFIX):], checkpoint, pretrained,
+                                       num_classes, option)
     folder = _classifier_folder(name, checkpoint, option)
     if folder is not None:
         if pretrained:
             raise ValueError(f"--pretrained does not go with the classifier folder {folder}")
-        return _from_folder(folder, checkpoint, option)
-    return _timm_classifier(name, checkpoint, pretrained, in_chans, num_classes, option)
+        return LoadedClassifier(_from_folder(folder, checkpoint, option), {})
+    import timm
+
+    if timm.is_model(_base_architecture(name)):
+        return LoadedClassifier(
+            _timm_classifier(name, checkpoint, pretrained, in_chans, num_classes, option), {})
+    if name in _torchvision_names():
+        return _torchvision_classifier(name, checkpoint, pretrained, num_classes, option)
+    raise ValueError(
+        f"{option} {name!r} is not a bundled classifier (fashion-mnist-resnet18, "
+        "fashion-mnist-resnet18-trades), a classifier folder, a timm or torchvision model name, "
+        "or robustbench:<dataset>/<threat model>/<model>"
+    )
+
+
+def _robustbench_classifier(name: str, checkpoint: str | None, pretrained: bool, option: str,
+                            model_dir: str | None) -> LoadedClassifier:
+    if checkpoint is not None or pretrained:
+        raise ValueError(f"{option} {name} brings RobustBench's own weights; leave out "
+                         "--checkpoint / --pretrained")
+    try:
+        from purifyguard.adapters.robustbench import load_robustbench_model
+
+        classifier = load_robustbench_model(
+            name, model_dir=None if model_dir is None else Path(model_dir).expanduser())
+    except (ValueError, ImportError, RuntimeError, KeyError) as error:
+        # (a missing checkpoint that cannot be downloaded is a FileNotFoundError, reported as is)
+        raise ValueError(f"{option} {name}: {_first_line(error)}") from None
+    # RobustBench models normalise inside: they take [0, 1] images as they are.
+    return LoadedClassifier(classifier.eval(), {"mean": (0.0,), "std": (1.0,)},
+                            "RobustBench model: it normalises its [0, 1] input itself")
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _torchvision_classifier(name: str, checkpoint: str | None, pretrained: bool,
+                            num_classes: int | None, option: str) -> LoadedClassifier:
+    """A torchvision classification model: its DEFAULT weights (--pretrained), whose transforms
+    give the normalisation, or a .safetensors checkpoint in a model built for num_classes."""
+    import torchvision.models
+
+    if name not in _torchvision_names():
+        raise ValueError(f"{option} torchvision:{name}: torchvision has no classification model "
+                         f"{name!r} (torchvision.models.list_models())")
+    if checkpoint is None and not pretrained:
+        raise ValueError(f"give the weights of {option} {name!r}: a .safetensors checkpoint "
+                         "(--checkpoint) or --pretrained (torchvision's DEFAULT weights)")
+    weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
+    normalization = {} if weights is None else {"weights": weights}
+    if checkpoint is None:
+        categories = len(weights.meta["categories"])
+        if num_classes is not None and num_classes != categories:
+            raise ValueError(
+                f"{option} {name} --pretrained predicts the {categories} classes of {weights}, "
+                f"the data set has {num_classes}; give a --checkpoint trained on its classes"
+            )
+        return LoadedClassifier(torchvision.models.get_model(name, weights=weights).eval(),
+                                normalization)
+    extra = {} if num_classes is None else {"num_classes": num_classes}
+    classifier = torchvision.models.get_model(name, weights=None, **extra)
+    _load_weights(classifier, Path(checkpoint).expanduser(), option,
+                  f"torchvision {name!r} ({', '.join(f'{k}={v}' for k, v in extra.items())})")
+    return LoadedClassifier(classifier.eval(), normalization)
+
+
+def _load_weights(classifier: nn.Module, path: Path, option: str, described: str) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    _check_checkpoint(path, option)
+    try:
+        classifier.load_state_dict(load_file(path))
+    except (SafetensorError, RuntimeError, OSError, ValueError) as error:
+        raise ValueError(
+            f"checkpoint {path} does not load into {described}: {_first_line(error)}"
+        ) from None
 
 
 def _classifier_folder(name: str, checkpoint: str | None, option: str) -> Path | None:
@@ -203,9 +455,9 @@ def _classifier_folder(name: str, checkpoint: str | None, option: str) -> Path |
             )
         if _folder_config(folder) is None:
             raise ValueError(
-                f"{option} {name}: the folder has no purifyguard classifier "
-                f"{CLASSIFIER_CONFIG} (with \"library\": \"timm\", \"architecture\" and "
-                f"\"kwargs\"); give a timm model name with a .safetensors checkpoint instead"
+                f"{option} {name}: the folder has no classifier {CLASSIFIER_CONFIG} naming a timm "
+                "\"architecture\" (as timm's save_for_hf and purifyguard train guidance write "
+                "it); give a timm model name with a .safetensors checkpoint instead"
             )
         return folder
     if checkpoint is None:
@@ -229,8 +481,11 @@ def _classifier_folder(name: str, checkpoint: str | None, option: str) -> Path |
 
 
 def _folder_config(folder: Path) -> dict[str, Any] | None:
-    """The folder's config.json when it is a purifyguard classifier config, else None."""
+    """{"architecture", "kwargs"} of the folder's config.json when it describes a timm network
+    (timm's Hub format or purifyguard's older layout), checked as purifier folders are; None when
+    there is no such config."""
     from purifyguard.files import read_json
+    from purifyguard.hub import guidance_config
 
     path = folder / CLASSIFIER_CONFIG
     if not path.is_file():
@@ -239,11 +494,10 @@ def _folder_config(folder: Path) -> dict[str, Any] | None:
         config = read_json(path, "classifier config")
     except ValueError as error:
         raise ValueError(f"{error}; a classifier folder's config.json must be intact") from None
-    if config.get("library") != "timm" or not isinstance(config.get("architecture"), str):
+    if not isinstance(config.get("architecture"), str):
         return None
-    if not isinstance(config.get("kwargs", {}), dict):
-        raise ValueError(f"classifier config {path}: \"kwargs\" must be a JSON object")
-    return config
+    architecture, kwargs = guidance_config(config, path)
+    return {"architecture": architecture, "kwargs": kwargs}
 
 
 def _from_folder(folder: Path, checkpoint: str | None, option: str) -> nn.Module:
@@ -271,33 +525,19 @@ def _from_folder(folder: Path, checkpoint: str | None, option: str) -> nn.Module
 def _timm_classifier(name: str, checkpoint: str | None, pretrained: bool, in_chans: int | None,
                      num_classes: int | None, option: str) -> nn.Module:
     import timm
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     if checkpoint is None and not pretrained:
         raise ValueError(
             f"give the weights of {option} {name!r}: a .safetensors checkpoint (--checkpoint), "
             "--pretrained, or a classifier folder instead of the name"
         )
-    if not timm.is_model(_base_architecture(name)):
-        raise ValueError(
-            f"{option} {name!r} is not a timm model name, a classifier folder or a bundled "
-            "classifier (fashion-mnist-resnet18, fashion-mnist-resnet18-trades)"
-        )
     extra = {} if num_classes is None else {"num_classes": num_classes}
     if in_chans is not None:
         extra["in_chans"] = in_chans
     classifier = timm.create_model(name, pretrained=pretrained, **extra)
     if checkpoint is not None:
-        path = Path(checkpoint).expanduser()
-        _check_checkpoint(path, option)
-        try:
-            classifier.load_state_dict(load_file(path))
-        except (SafetensorError, RuntimeError, OSError, ValueError) as error:
-            raise ValueError(
-                f"checkpoint {path} does not load into timm {name!r} "
-                f"({', '.join(f'{k}={v}' for k, v in extra.items())}): {_first_line(error)}"
-            ) from None
+        _load_weights(classifier, Path(checkpoint).expanduser(), option,
+                      f"timm {name!r} ({', '.join(f'{k}={v}' for k, v in extra.items())})")
     return classifier.eval()
 
 
@@ -332,20 +572,29 @@ def _check_fits(classifier: nn.Module, option: str, channels: int, n_classes: in
         )
 
 
-def _purified_model(args: argparse.Namespace, classifier: nn.Module, purifier: Any = None,
+def _purified_model(args: argparse.Namespace, classifier: LoadedClassifier, purifier: Any = None,
                     settings: dict[str, Any] | None = None):
     from purifyguard.purified_model import PurifiedModel
 
     if purifier is None and args.purifier is not None:
         purifier = False if args.purifier.lower() == "none" else args.purifier
-    model = PurifiedModel(classifier, purifier, mean=args.mean, std=args.std,
-                          n_samples=args.n_samples)
+    normalization = classifier.normalization
+    if args.mean is not None or args.std is not None:
+        normalization = {"mean": args.mean, "std": args.std}
+    model = PurifiedModel(classifier.module, purifier, n_samples=args.n_samples, **normalization)
     if model.purifier is not None and settings:
         try:
             model = model.with_purifier(model.purifier.with_settings(**settings))
         except ValueError as error:
             raise ValueError(f"--purifier-setting: {error}") from None
     return model
+
+
+def _normalization_source(args: argparse.Namespace, classifier: LoadedClassifier,
+                          model: nn.Module) -> str:
+    explicit = args.mean is not None or args.std is not None
+    return model.normalization_source if explicit or classifier.source is None else (
+        classifier.source)
 
 
 def parse_settings(items: list[str], option: str = "--purifier-setting",
@@ -400,7 +649,9 @@ def _base_architecture(name: str) -> str:
 
 
 def _model_name(classifier: str) -> str:
-    """The report's name for the classifier: a folder by its own name."""
+    """The report's name for the classifier: a folder or RobustBench model by its own name."""
+    if classifier.startswith(TORCHVISION_PREFIX):
+        return classifier[len(TORCHVISION_PREFIX):]
     path = Path(classifier)
     return path.name if path.is_dir() or "/" in classifier or "\\" in classifier else classifier
 

@@ -1,11 +1,18 @@
 """A PNG grid showing what the defence does: clean, adversarial and purified images, each with
-the model's prediction."""
+the model's prediction.
+
+The adversarial and purified columns come from one purification: for a model with a purifier,
+the prediction written under the adversarial image is the classifier's prediction for the
+purified image shown beside it, never a second, unseen purification with its own noise (which
+could read as the purifier fixing an image it did not fix).
+"""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -14,54 +21,92 @@ from purifyguard.evaluation.seeds import seed_everything
 from purifyguard.files import write_atomic
 
 
+class GridColumn(NamedTuple):
+    """One column of the grid: its heading, its images and the predicted classes."""
+
+    name: str
+    images: torch.Tensor
+    predictions: torch.Tensor
+
+
 @torch.no_grad()
+def grid_columns(
+    model: nn.Module, clean: torch.Tensor, adversarial: torch.Tensor, *, seed: int = 0
+) -> list[GridColumn]:
+    """The grid's columns: clean, adversarial and, for a model with a purifier, purified.
+
+    A model with a purifier (`purify` and `classify`, as a PurifiedModel has) purifies the
+    adversarial batch once, with noise from `seed`: that purification is the third column, and
+    its classification is the prediction shown under both the adversarial and the purified
+    image. The clean column shows model(clean) (its own purification, not drawn). With
+    n_samples > 1 a PurifiedModel averages several purifications; the grid shows and classifies
+    one. A model without a purifier (an undefended PurifiedModel, a bare classifier) gets the
+    first two columns only, the adversarial one with model(adversarial).
+    """
+    device = next((p.device for p in model.parameters()), clean.device)
+    clean, adversarial = clean.to(device), adversarial.to(device)
+    seed_everything(seed)
+    clean_predictions = model(clean).argmax(-1)
+    if _has_purifier(model):
+        purified = model.purify(adversarial)
+        defended = model.classify(purified).argmax(-1)
+        return [
+            GridColumn("clean", clean, clean_predictions),
+            GridColumn("adversarial", adversarial, defended),
+            GridColumn("purified", purified, defended),
+        ]
+    return [
+        GridColumn("clean", clean, clean_predictions),
+        GridColumn("adversarial", adversarial, model(adversarial).argmax(-1)),
+    ]
+
+
+def _has_purifier(model: nn.Module) -> bool:
+    """purify and classify, and a purifier unless the model says it has none (PurifiedModel
+    with purifier=None)."""
+    return (hasattr(model, "purify") and hasattr(model, "classify")
+            and getattr(model, "purifier", True) is not None)
+
+
 def save_grid(
     model: nn.Module, clean: torch.Tensor, adversarial: torch.Tensor, labels: torch.Tensor,
     path: str | Path, *, seed: int = 0, class_names: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """One row per example: clean | adversarial | purified adversarial, titled with predictions.
-
-    The purified column is one purification (noise from `seed`); an undefended model shows the
-    adversarial image again. A prediction in red is wrong.
+    """One row per example: clean | adversarial | purified adversarial (no purified column for
+    a model without a purifier), titled with predictions (grid_columns: the adversarial image's
+    prediction is the classification of the purified image beside it). A prediction in red is
+    wrong.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    device = next((p.device for p in model.parameters()), clean.device)
-    clean, adversarial = clean.to(device), adversarial.to(device)
-    seed_everything(seed)
-    purified = model.purify(adversarial) if hasattr(model, "purify") else adversarial
-    columns = [
-        ("clean", clean, model(clean)),
-        ("adversarial", adversarial, model(adversarial)),
-        ("purified", purified, model.classify(purified) if hasattr(model, "classify") else None),
-    ]
+    columns = grid_columns(model, clean, adversarial, seed=seed)
     rows = len(labels)
-    figure, axes = plt.subplots(rows, 3, figsize=(6, 2.2 * rows + 0.5), squeeze=False)
+    figure, axes = plt.subplots(rows, len(columns), figsize=(2 * len(columns), 2.2 * rows + 0.9),
+                                squeeze=False)
     for row in range(rows):
         truth = int(labels[row])
-        for col, (name, batch, logits) in enumerate(columns):
+        for col, column in enumerate(columns):
             axis = axes[row][col]
-            image = batch[row].detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
+            image = column.images[row].detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
             axis.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray",
                         vmin=0, vmax=1)
             axis.set_xticks([])
             axis.set_yticks([])
             if col == 0:
                 axis.set_ylabel(f"label {class_names[truth] if class_names else truth}", fontsize=8)
-            text = name if row == 0 else ""
-            if logits is not None:
-                predicted = int(logits[row].argmax())
-                label = class_names[predicted] if class_names else str(predicted)
-                text = f"{text}\n{label}" if text else label
-                axis.set_title(text, fontsize=8, color="black" if predicted == truth else "red")
-            else:
-                axis.set_title(text, fontsize=8)
-    if title:
-        figure.suptitle(title, fontsize=9)
+            text = column.name if row == 0 else ""
+            predicted = int(column.predictions[row])
+            label = class_names[predicted] if class_names else str(predicted)
+            text = f"{text}\n{label}" if text else label
+            axis.set_title(text, fontsize=8, color="black" if predicted == truth else "red")
+    note = ("adversarial and purified: one purification, both labelled with\nthe classifier's "
+            "prediction for the purified image" if len(columns) == 3 else
+            "model without a purifier")
+    figure.suptitle(f"{title}\n{note}" if title else note, fontsize=8)
     figure.tight_layout()
     path = Path(path)
     picture = io.BytesIO()

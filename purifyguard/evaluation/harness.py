@@ -77,10 +77,13 @@ def evaluate(
     sanity_n: int | None = None,
     class_names: Sequence[str] | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Clean and robust accuracy of one model (a PurifiedModel, or any [0, 1] -> logits model).
 
-    data: a Dataset of (image, label) or a pair of tensors; the first n examples are used.
+    data: a Dataset of (image, label) or a pair of tensors; n examples are used: the first n
+        of a pair of tensors or of a data set with `tensors()` (Fashion-MNIST, CIFAR), n drawn
+        with `seed` and stratified across the classes of any other Dataset (select_examples).
     attacks: AttackSpec objects or strings such as "pgd:eps=0.1,steps=20,eot=4"; None runs the
         protocol's set (default_attacks()).
     runs: R, the independent purifications behind each verdict.
@@ -88,6 +91,8 @@ def evaluate(
         rerun skips the batches already there.
     undefended: the bare classifier for the transfer attack (taken from a PurifiedModel if None).
     sanity: also run the sanity checks (sanity.py) on the first sanity_n examples.
+    device: where the model and images go (e.g. "cpu", "cuda:1"); None takes accelerate's
+        device for this process (the GPU when there is one).
     Returns the report (the JSON document, as a dict). Every argument is checked before any
     model runs (ValueError naming it).
     """
@@ -98,6 +103,7 @@ def evaluate(
         {model_name: model}, data, attacks, n=n, batch_size=batch_size, runs=runs, seed=seed,
         output_dir=output_dir, resume=resume, undefended={model_name: undefended},
         sanity=sanity, sanity_n=sanity_n, class_names=class_names, progress=progress,
+        device=device,
     )
 
 
@@ -117,6 +123,7 @@ def evaluate_models(
     sanity_n: int | None = None,
     class_names: Sequence[str] | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Several models on the same images, attacks and seeds; one record per model x attack.
 
@@ -124,7 +131,7 @@ def evaluate_models(
     output folder is locked: a second evaluation into the same folder fails at once with
     OutputFolderInUse instead of computing every batch a second time.
     """
-    from purifyguard.evaluation.sanity import run_sanity_checks
+    from purifyguard.evaluation.sanity import run_sanity_checks, save_eps_sweep_plot
 
     models = check_models(models)
     check_data(data)
@@ -139,11 +146,12 @@ def evaluate_models(
     check_bool("progress", progress)
     sanity_n = check_optional_int("sanity_n", sanity_n, 1)
     class_names = check_class_names(class_names)
+    device = _check_device(device)
     undefended = _check_undefended(undefended, models)
     names = [spec.label for spec in specs]
     if len(set(names)) != len(names) or CLEAN in names:
         raise ValueError(f"attack names must be unique and not {CLEAN!r}, got {names}")
-    images, labels = select_examples(data, n)
+    images, labels = select_examples(data, n, seed)
     images = check_examples(images, labels, class_names)
     if len(labels) < n:
         logger.warning("n=%d, but the data holds %d examples: evaluating those %d",
@@ -153,7 +161,9 @@ def evaluate_models(
         return _evaluate(models, images, labels, specs, batch_size=batch_size, runs=runs,
                          seed=seed, output_dir=output_dir, resume=resume, undefended=undefended,
                          sanity=sanity, sanity_n=sanity_n, class_names=class_names,
-                         progress=progress, state=state, run_sanity_checks=run_sanity_checks)
+                         progress=progress, state=state, run_sanity_checks=run_sanity_checks,
+                         save_eps_sweep_plot=save_eps_sweep_plot,
+                         device=state.device if device is None else device)
 
 
 class OutputFolderInUse(RuntimeError):
@@ -189,6 +199,7 @@ def _evaluate(
     specs: list[AttackSpec], *, batch_size: int, runs: int, seed: int, output_dir: Path | None,
     resume: bool, undefended: dict[str, nn.Module | None], sanity: bool, sanity_n: int | None,
     class_names: Sequence[str] | None, progress: bool, state: PartialState, run_sanity_checks,
+    save_eps_sweep_plot, device: torch.device,
 ) -> dict[str, Any]:
     settings = {
         "seed": seed, "n": len(labels), "batch_size": batch_size, "runs": runs,
@@ -201,7 +212,7 @@ def _evaluate(
     new_records = []
     started = time.perf_counter()
     for model_name, model in models.items():
-        model.to(state.device).eval()
+        model.to(device).eval()
         bare = undefended.get(model_name)
         bare = _undefended_of(model) if bare is None else bare
         for spec in [None, *specs]:
@@ -209,7 +220,7 @@ def _evaluate(
             store.load()
             new_records += _run_batches(
                 model_name, descriptions[model_name]["version"], model, bare, spec, images,
-                labels, settings, store, state, output_dir, progress,
+                labels, settings, store, state, output_dir, progress, device,
             )
     state.wait_for_everyone()
     store.load()
@@ -222,13 +233,13 @@ def _evaluate(
                 model, (images, labels), specs, n=sanity_n or min(len(labels), 64),
                 batch_size=batch_size, runs=runs, seed=seed, undefended=undefended.get(name),
                 output_dir=None if output_dir is None else output_dir / "sanity" / name,
-                resume=resume, progress=progress,
+                resume=resume, progress=progress, device=device,
             )
             for name, model in models.items()
         }
     report = build_report(
         settings, records, descriptions, specs,
-        sanity_results, num_processes=state.num_processes, device=str(state.device),
+        sanity_results, num_processes=state.num_processes, device=str(device),
         seconds=time.perf_counter() - started,
     )
     if output_dir is not None and state.is_main_process:
@@ -236,7 +247,24 @@ def _evaluate(
         for model_name, model in models.items():
             for spec in specs:
                 _grid(model, model_name, spec, images, labels, output_dir, seed, class_names)
+        for model_name, checks in (sanity_results or {}).items():
+            save_eps_sweep_plot(
+                checks, Path(output_dir) / f"eps-sweep-{model_name}.png",
+                title=f"{model_name}: robust accuracy against eps (sanity check)",
+            )
     return report
+
+
+def _check_device(value: Any) -> torch.device | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, torch.device)):
+        raise ValueError(f"device must be a torch.device, a string such as 'cpu' or 'cuda:0', or "
+                         f"None, got {type(value).__name__}")
+    try:
+        return torch.device(value)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"device {value!r} is not a device: {error}") from None
 
 
 def _check_undefended(value: Any, models: dict[str, nn.Module]) -> dict[str, nn.Module | None]:
@@ -259,7 +287,7 @@ def _check_undefended(value: Any, models: dict[str, nn.Module]) -> dict[str, nn.
 def _run_batches(
     model_name: str, version: str, model: nn.Module, bare: nn.Module | None, spec: AttackSpec | None,
     images: torch.Tensor, labels: torch.Tensor, settings: dict, store: BatchStore,
-    state: PartialState, output_dir: str | Path | None, progress: bool,
+    state: PartialState, output_dir: str | Path | None, progress: bool, device: torch.device,
 ) -> list[dict[str, Any]]:
     """Attack and judge this process's share of the batches not finished yet."""
     batch_size, seed, runs = settings["batch_size"], settings["seed"], settings["runs"]
@@ -277,7 +305,7 @@ def _run_batches(
         for batch in bar:
             start = time.perf_counter()
             rows = slice(batch * batch_size, (batch + 1) * batch_size)
-            x, y = images[rows].to(state.device), labels[rows].to(state.device)
+            x, y = images[rows].to(device), labels[rows].to(device)
             record = {
                 "key": batch_key(model_name, spec, batch, version), "model": model_name,
                 "attack": attack_name, "batch": batch, "indices": [rows.start, rows.start + len(y)],
@@ -298,16 +326,27 @@ def _run_batches(
     return finished
 
 
-def select_examples(data: Data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n examples as (images in [0, 1], labels)."""
+def select_examples(data: Data, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n examples as (images in [0, 1], labels).
+
+    One rule: an (images, labels) pair and a data set with a `tensors()` method (purifyguard's
+    Fashion-MNIST and CIFAR test sets, whose first images already mix the classes) give their
+    first n, so "the first 512 Fashion-MNIST test images" stays what it says. Any other Dataset
+    (an ImageFolder, sorted by class, or your own) gives n examples drawn with `seed`,
+    stratified across its classes (as equal a share per class as the class sizes allow), in
+    class-interleaved order; all of it when n >= len(data). Labels come from the data set's
+    `targets` when it has them, else from reading every item once.
+    """
     n = check_int("n", n, 1)
+    seed = check_int("seed", seed)
     if isinstance(data, (tuple, list)):
         images, labels = data
         images, labels = images[:n], torch.as_tensor(labels[:n])
     elif hasattr(data, "tensors"):
         images, labels = data.tensors(min(n, len(data)))
     else:
-        pairs = [data[i] for i in range(min(n, len(data)))]
+        rows = range(len(data)) if n >= len(data) else stratified_indices(data, n, seed)
+        pairs = [data[i] for i in rows]
         if not all(isinstance(p, (tuple, list)) and len(p) >= 2 for p in pairs):
             raise ValueError("data must yield (image, label) pairs")
         if not all(isinstance(p[0], torch.Tensor) for p in pairs):
@@ -329,6 +368,53 @@ def select_examples(data: Data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"data's labels must be integer class indices, got dtype {labels.dtype}")
     return images.float(), labels.long()
+
+
+def stratified_indices(data: Dataset, n: int, seed: int) -> list[int]:
+    """n indices of `data` drawn with `seed`, split across its classes as evenly as the class
+    sizes allow (the remainder goes to classes chosen by the seed), listed class by class in
+    turn: the first batch, and so the image grid, shows as many classes as it can."""
+    labels = _dataset_labels(data)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "select-examples"))
+    classes = sorted(set(labels))
+    members = {c: [i for i, label in enumerate(labels) if label == c] for c in classes}
+    for c in classes:
+        order = torch.randperm(len(members[c]), generator=generator).tolist()
+        members[c] = [members[c][k] for k in order]
+    share = dict.fromkeys(classes, 0)
+    left = n
+    while left:
+        open_classes = [c for c in classes if share[c] < len(members[c])]
+        if left >= len(open_classes):
+            for c in open_classes:
+                share[c] += 1
+            left -= len(open_classes)
+        else:
+            chosen = torch.randperm(len(open_classes), generator=generator)[:left].tolist()
+            for k in chosen:
+                share[open_classes[k]] += 1
+            left = 0
+    picked = []
+    for rank in range(max(share.values())):
+        picked += [members[c][rank] for c in classes if rank < share[c]]
+    return picked
+
+
+def _dataset_labels(data: Dataset) -> list[int]:
+    targets = getattr(data, "targets", None)
+    if targets is not None and len(targets) == len(data):
+        raw = targets.tolist() if isinstance(targets, torch.Tensor) else list(targets)
+    else:
+        raw = []
+        for i in range(len(data)):
+            item = data[i]
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise ValueError("data must yield (image, label) pairs")
+            raw.append(item[1])
+    try:
+        return [int(label) for label in raw]
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"data's labels must be integer class indices: {error}") from None
 
 
 def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:

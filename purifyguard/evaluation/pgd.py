@@ -19,8 +19,10 @@ _TINY = 1e-12
 def eot_pgd(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float, step_size: float,
     steps: int, eot: int = 1, norm: str = "linf", random_start: bool = True,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Adversarial images within `eps` of `images` (norm "linf" or "l2") that raise the loss."""
+    """Adversarial images within `eps` of `images` (norm "linf" or "l2") that raise the loss.
+    chunk_size: see eot_gradient."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     clean = images.detach()
@@ -28,22 +30,33 @@ def eot_pgd(
     if random_start:
         adversarial = project(clean, clean + random_delta(clean, eps, norm), eps, norm)
     for _ in range(steps):
-        gradient = eot_gradient(model, adversarial, labels, eot)
+        gradient = eot_gradient(model, adversarial, labels, eot, chunk_size)
         adversarial = project(clean, adversarial + step_size * ascent(gradient, norm), eps, norm)
     return adversarial
 
 
 def eot_gradient(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eot: int = 1
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eot: int = 1,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """The input gradient of the summed cross-entropy, averaged over `eot` forward passes."""
-    images = images.detach().requires_grad_()
-    total = torch.zeros_like(images)
+    """The input gradient of the summed cross-entropy, averaged over `eot` forward passes.
+
+    The eot copies of the batch are stacked into one batch of eot x N images (a randomised
+    model draws its noise independently for each copy, as eot separate passes would), which runs
+    as forward + backward on chunks of chunk_size images; each chunk's graph is freed before the
+    next, so memory is that of one chunk. None: chunks of N images, the memory of one pass.
+    """
+    copies = images.detach().repeat(eot, *([1] * (images.dim() - 1)))
+    copy_labels = labels.repeat(eot)
+    chunk = len(images) if chunk_size is None else chunk_size
+    gradient = torch.empty_like(copies)
     with torch.enable_grad():
-        for _ in range(eot):
-            loss = F.cross_entropy(model(images), labels, reduction="sum")
-            total += torch.autograd.grad(loss, images)[0]
-    return total / eot
+        for start in range(0, len(copies), chunk):
+            rows = slice(start, start + chunk)
+            part = copies[rows].requires_grad_()
+            loss = F.cross_entropy(model(part), copy_labels[rows], reduction="sum")
+            gradient[rows] = torch.autograd.grad(loss, part)[0]
+    return gradient.view(eot, *images.shape).mean(0)
 
 
 def ascent(gradient: torch.Tensor, norm: str) -> torch.Tensor:

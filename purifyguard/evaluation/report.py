@@ -19,6 +19,7 @@ _NUMBER = (int, float)
 _ACCURACY = {
     "n": int, "per_run": [_NUMBER], "mean": _NUMBER, "worst_case": _NUMBER,
     "ci95_mean": [_NUMBER], "ci95_worst_case": [_NUMBER],
+    "within_submissions": dict, "majority": _NUMBER,
 }
 RECORD_SCHEMA = {
     "model": str,

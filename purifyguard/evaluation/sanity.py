@@ -11,10 +11,14 @@ number; the report flags it and never drops it.
 
 "Beyond noise" is stats.difference_tolerance: 1.96 standard errors of a difference of two
 accuracies on n examples, and at least one example.
+
+save_eps_sweep_plot draws check 1 as a PNG (robust accuracy against eps, the attack named);
+evaluate(..., sanity=True, output_dir=...) writes it as eps-sweep-<model>.png beside the grids.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,10 +38,12 @@ from purifyguard.evaluation.attacks import AttackSpec, parse_attack
 from purifyguard.evaluation.pgd import eot_gradient
 from purifyguard.evaluation.seeds import derive_seed, seed_everything
 from purifyguard.evaluation.stats import difference_tolerance
+from purifyguard.files import write_atomic
 from purifyguard.validation import check_bool, check_int, check_number
 
 NEAR_ZERO = 0.05  # robust accuracy allowed under an unbounded attack
 MAX_ZERO_GRADIENT_FRACTION = 0.5
+EPS_SWEEP_CHECK = "robust accuracy non-increasing in eps"
 
 
 def run_sanity_checks(
@@ -46,10 +52,13 @@ def run_sanity_checks(
     n: int = 64, batch_size: int = 64, runs: int = 5, seed: int = 0,
     undefended: nn.Module | None = None, output_dir: str | Path | None = None,
     resume: bool = True, large_eps: float | None = None, progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> list[dict[str, Any]]:
     """Run the checks with the first gradient attack in `attacks` as the base (default: PGD at
-    the default setting); a list of {"check", "passed", "message", "values"}. Arguments are
-    checked first, as for evaluate."""
+    the default setting); a list of {"check", "passed", "message", "values"}. The eps sweep's
+    values hold eps, robust_accuracy, its ci95 intervals, n, runs and the attack (a description
+    and its settings), everything save_eps_sweep_plot draws. Data is selected as by evaluate
+    (select_examples with `seed`). Arguments are checked first, as for evaluate."""
     from purifyguard.evaluation.harness import evaluate, select_examples
 
     check_model("model", model)
@@ -68,7 +77,7 @@ def run_sanity_checks(
     base = next((a for a in attacks if a.kind in ("pgd", "bpda")), None) or AttackSpec("pgd")
     # Full gradients, step eps / 4 at every eps of the sweep.
     base = base.replace(kind="pgd", gradient="full", step_size=None)
-    images, labels = select_examples(data, n)
+    images, labels = select_examples(data, n, seed)
     images = check_examples(images, labels, None)
     large = large_eps or (1.0 if base.norm == "linf" else float(images[0].numel()) ** 0.5)
     sweep = sorted({0.0, base.eps / 2, base.eps, 2 * base.eps, large})
@@ -84,13 +93,19 @@ def run_sanity_checks(
     report = evaluate(
         model, (images, labels), specs, n=n, batch_size=batch_size, runs=runs, seed=seed,
         output_dir=output_dir, resume=resume, model_name="sanity", undefended=undefended,
-        progress=progress,
+        progress=progress, device=device,
     )
     robust = {r["attack"]["name"]: r["robust_accuracy"]["mean"] for r in report["records"]}
+    intervals = {r["attack"]["name"]: r["robust_accuracy"]["ci95_mean"] for r in report["records"]}
     count = report["settings"]["n"]
     accuracies = [robust[s.label] for s in specs[: len(sweep)]]
+    sweep_check = _eps_monotone(sweep, accuracies, count)
+    sweep_check["values"].update({
+        "ci95": [intervals[s.label] for s in specs[: len(sweep)]], "n": count, "runs": runs,
+        "attack": describe_attack(base), "attack_settings": base.to_dict(),
+    })
     checks = [
-        _eps_monotone(sweep, accuracies, count),
+        sweep_check,
         _unbounded(sweep[-1], accuracies[-1]),
         _more_steps(base.steps, more_steps, robust[f"sanity-eps={base.eps:g}"],
                     robust[f"sanity-steps={more_steps}"], count),
@@ -102,13 +117,79 @@ def run_sanity_checks(
     return checks
 
 
+def describe_attack(spec: AttackSpec) -> str:
+    """A one-line name of the sweep's attack, for the plot and the report."""
+    name = {"pgd": "PGD", "bpda": "BPDA"}.get(spec.kind, spec.kind)
+    eot = f"-EOT{spec.eot}" if spec.eot > 1 else ""
+    norm = "L-inf" if spec.norm == "linf" else "L2"
+    return (f"{name}{eot}, {spec.gradient_mode} gradient, {norm}, {spec.steps} steps, "
+            "step eps/4" + (", random start" if spec.random_start else ""))
+
+
+def save_eps_sweep_plot(
+    checks: Sequence[dict[str, Any]], path: str | Path, *, title: str | None = None
+) -> Path | None:
+    """Robust accuracy against eps from the eps-sweep check in `checks` (eps_sweep_figure), as a
+    PNG at `path`; None (and no file) when `checks` holds no eps sweep."""
+    figure = eps_sweep_figure(checks, title=title)
+    if figure is None:
+        return None
+    import matplotlib.pyplot as plt
+
+    picture = io.BytesIO()
+    figure.savefig(picture, dpi=100, format="png")
+    plt.close(figure)
+    return write_atomic(Path(path), picture.getvalue())
+
+
+def eps_sweep_figure(checks: Sequence[dict[str, Any]], *, title: str | None = None):
+    """The eps sweep as a matplotlib Figure: robust accuracy (mean over the R runs, 95% Wilson
+    intervals) against eps, axes labelled, the attack named in the title. eps = 0 is the clean
+    accuracy and the last point the (almost) unbounded attack, which should reach about 0.
+    None when `checks` holds no eps sweep."""
+    sweep = next((c for c in checks if c.get("check") == EPS_SWEEP_CHECK), None)
+    if sweep is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = sweep["values"]
+    eps, accuracy = values["eps"], values["robust_accuracy"]
+    settings = values.get("attack_settings", {})
+    norm = "L-inf" if settings.get("norm", "linf") == "linf" else "L2"
+    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    if "ci95" in values:
+        low = [max(a - lo, 0.0) for a, (lo, _) in zip(accuracy, values["ci95"])]
+        high = [max(hi - a, 0.0) for a, (_, hi) in zip(accuracy, values["ci95"])]
+        axis.errorbar(eps, accuracy, yerr=[low, high], marker="o", capsize=3,
+                      label="robust accuracy [95% CI]")
+    else:
+        axis.plot(eps, accuracy, marker="o", label="robust accuracy")
+    axis.axhline(NEAR_ZERO, color="grey", linestyle=":", linewidth=1,
+                 label=f"the unbounded attack must reach <= {NEAR_ZERO}")
+    axis.set_xlabel(f"eps ({norm} budget of the attack)")
+    axis.set_ylabel("robust accuracy (mean over runs)")
+    axis.set_ylim(-0.02, 1.02)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="upper right")
+    attack = values.get("attack", "attack not recorded")
+    counts = f"n={values['n']}, R={values['runs']}, " if "n" in values else ""
+    verdict = "passed" if sweep["passed"] else "FAILED"
+    heading = title or "Sanity check: robust accuracy against eps"
+    axis.set_title(f"{heading}\n{attack}\n{counts}non-increasing check {verdict}", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
 def _eps_monotone(sweep: list[float], accuracies: list[float], n: int) -> dict[str, Any]:
     rises = [
         (sweep[i], sweep[i + 1]) for i in range(len(sweep) - 1)
         if accuracies[i + 1] > accuracies[i] + difference_tolerance(accuracies[i], n)
     ]
     return _check(
-        "robust accuracy non-increasing in eps", not rises,
+        EPS_SWEEP_CHECK, not rises,
         "no rise beyond noise" if not rises else f"accuracy rises between eps pairs {rises}",
         {"eps": sweep, "robust_accuracy": accuracies},
     )

@@ -24,14 +24,16 @@ def build_guidance(config: PurifierConfig, guidance_network: nn.Module | None) -
         return PixelGuidance()
     if guidance_network is None:
         raise ValueError(
-            "guidance='adversarial' needs a guidance network: pass guidance_network=<a timm model "
-            "trained with TRADES> (see purifyguard train guidance)"
+            "guidance='adversarial' needs a guidance network: pass guidance_network=<a classifier "
+            "trained with TRADES: a timm model, or any nn.Module whose features are the input of "
+            "its last nn.Linear or the output of guidance_layer> (see purifyguard train guidance)"
         )
     return AdversarialGuidance(
         guidance_network,
         distance=config.distance,
         class_weight=config.class_weight,
         on=config.guidance_on,
+        layer=config.guidance_layer,
     )
 
 

@@ -13,12 +13,16 @@ ROUTINES = {
 }
 
 
-def usage() -> str:
+def routine_list() -> str:
+    """The routines, one a line: name and what it trains."""
     width = max(map(len, ROUTINES))
-    lines = [f"  {name:<{width}}  {what}" for name, what in ROUTINES.items()]
+    return "\n".join(f"  {name:<{width}}  {what}" for name, what in ROUTINES.items())
+
+
+def usage() -> str:
     return (
         f"usage: purifyguard train {{{','.join(ROUTINES)}}} [options]\n\n"
-        "routines:\n" + "\n".join(lines) + "\n\n"
+        "routines:\n" + routine_list() + "\n\n"
         "purifyguard train <routine> --help lists a routine's options.\n"
     )
 

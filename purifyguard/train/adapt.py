@@ -1,13 +1,13 @@
 """Adapt a purifier to a classifier: fine-tune the guidance network and the guidance scale end to
-end, so that classifier(purify(x_adv)) is right (METHOD.md section 4, "Adaptation").
+end, so that classifier(purify(x_adv)) is right (docs/method.md, section 5, "Adaptation").
 
     loss  = w * CE(f(purify(x)), y) + (1 - w) * CE(f(purify(x_adv)), y),   w = --clean-weight
     x_adv = PGD on CE(f(purify(x')), y) inside the L-inf eps-ball, through the same purifier
 
     accelerate launch -m purifyguard.train adapt --purifier runs/agdm/final \\
-        --classifier runs/classifier/final --eps 0.1 --attack-steps 3 --train-steps 2
+        --classifier runs/classifier/final --eps 0.1 --attack-steps 3 --sampler-steps 2
 
-Both the attack and the training forward run a few-step process (--train-sampler, --train-steps)
+Both the attack and the training forward run a few-step process (--train-sampler, --sampler-steps)
 with full gradients: the surrogate of the defended process, whose settings the export keeps.
 The denoiser and the classifier stay frozen and in eval mode. The guidance network also stays in
 eval mode while its weights train: BatchNorm keeps the running statistics it learnt with TRADES,
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +29,8 @@ from torch import nn
 
 from purifyguard.config import SAMPLERS
 from purifyguard.data import load_dataset
-from purifyguard.hub import load_guidance_network
-from purifyguard.purified_model import PurifiedModel
-from purifyguard.purifier import Purifier
-from purifyguard.registry import load_purifier
 from purifyguard.train.options import (
+    HelpFormatter,
     add_common_arguments,
     non_negative_float,
     non_negative_int,
@@ -42,14 +40,16 @@ from purifyguard.train.options import (
     text,
     unit_interval,
 )
-from purifyguard.train.run import TrainingRun
 
 MIN_SCALE = 1e-3
+
+if TYPE_CHECKING:  # heavy imports wait for main(): --help stays fast
+    from purifyguard.purifier import Purifier
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="purifyguard train adapt", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_common_arguments(parser)
     parser.set_defaults(lr=1e-4, batch_size=32)
     parser.add_argument("--purifier", type=text, required=True, help="purifier folder "
@@ -62,11 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attack-steps", type=non_negative_int, default=3,
                         help="PGD steps per batch")
     parser.add_argument("--attack-step-size", type=positive_float,
-                        help="default: 2.5 * eps / attack_steps")
+                        help="PGD step size (default: 2.5 * eps / attack_steps)")
     parser.add_argument("--train-sampler", type=text, default="ddim", choices=SAMPLERS,
                         help="sampler of the few-step process used for the attack and training")
-    parser.add_argument("--train-steps", type=positive_int, default=2,
-                        help="its number of steps (ddim)")
+    parser.add_argument("--sampler-steps", "--train-steps", dest="train_steps", metavar="N",
+                        type=positive_int, default=2,
+                        help="reverse steps of that process (ddim; --train-steps is the old name; "
+                             "config key: train_steps)")
     parser.add_argument("--clean-weight", type=unit_interval, default=0.5,
                         help="weight of the clean CE; the adversarial CE gets 1 - this")
     parser.add_argument("--scale-lr", type=positive_float, default=0.01,
@@ -82,6 +84,8 @@ class AdaptedModel(nn.Module):
     """
 
     def __init__(self, purifier: Purifier, classifier: nn.Module) -> None:
+        from purifyguard.purified_model import PurifiedModel
+        
         super().__init__()
         self.guidance_network = purifier.guidance_network
         self.guidance_scale = purifier.guidance_scale
@@ -109,6 +113,12 @@ def pgd_through_purifier(
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_with_config(build_parser(), argv)
+    # Heavy imports after parsing, so that --help answers at once.
+    from purifyguard.hub import load_guidance_network
+    from purifyguard.purifier import Purifier
+    from purifyguard.registry import load_purifier
+    from purifyguard.train.run import TrainingRun
+
     run = TrainingRun(args, "adapt", argv)
     step_size = args.attack_step_size or 2.5 * args.eps / max(args.attack_steps, 1)
     defended = load_purifier(args.purifier)

@@ -1,6 +1,7 @@
 """Train a diffusers UNet2DModel denoiser: epsilon-prediction MSE with EMA weights.
 
-    accelerate launch -m purifyguard.train diffusion --data fashion-mnist --steps 4000 --t-max 300
+    accelerate launch -m purifyguard.train diffusion --data fashion-mnist --optimizer-steps 4000 \\
+        --t-max 300
 
 Purification only visits t <= t*, so --t-max trains the steps [1, t_max] alone (cheaper).
 The export (output_dir/final) is an unguided purifier in the Hub layout.
@@ -10,16 +11,15 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
 
 from purifyguard.data import load_dataset
 from purifyguard.files import read_json
-from purifyguard.purifier import Purifier
 from purifyguard.train.options import (
+    HelpFormatter,
     add_common_arguments,
     decay_rate,
     int_list,
@@ -28,28 +28,38 @@ from purifyguard.train.options import (
     positive_int_list,
     text,
 )
-from purifyguard.train.run import TrainingRun
+
+if TYPE_CHECKING:  # heavy imports wait for main(): --help stays fast
+    from diffusers import UNet2DModel
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="purifyguard train diffusion", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--unet-config", type=text,
-                        help="JSON file of UNet2DModel settings (overrides below)")
-    parser.add_argument("--image-size", type=positive_int, default=28)
-    parser.add_argument("--channels", type=positive_int, default=1)
-    parser.add_argument("--block-out-channels", type=positive_int_list, default=(32, 64, 64))
-    parser.add_argument("--layers-per-block", type=positive_int, default=1)
+                        help="JSON file of UNet2DModel settings, used instead of --channels, "
+                             "--block-out-channels, --layers-per-block and --attention-levels "
+                             "(default: none)")
+    parser.add_argument("--image-size", type=positive_int, default=28,
+                        help="side of the images the denoiser is trained on")
+    parser.add_argument("--channels", type=positive_int, default=1, help="image channels")
+    parser.add_argument("--block-out-channels", type=positive_int_list, default=(32, 64, 64),
+                        help="channels of each resolution level, comma-separated")
+    parser.add_argument("--layers-per-block", type=positive_int, default=1,
+                        help="ResNet layers per level")
     parser.add_argument("--attention-levels", type=int_list, default=(1,),
                         help="which resolution levels (0 = full) carry self-attention")
-    parser.add_argument("--num-train-timesteps", type=positive_int, default=1000)
-    parser.add_argument("--beta-schedule", type=text, default="linear")
+    parser.add_argument("--num-train-timesteps", type=positive_int, default=1000,
+                        help="T, the diffusion steps of the noise schedule")
+    parser.add_argument("--beta-schedule", type=text, default="linear",
+                        help="the DDPMScheduler's beta schedule")
     parser.add_argument("--t-max", type=positive_int,
-                        help="train only t in [1, t_max] (default: all)")
-    parser.add_argument("--ema-decay", type=decay_rate, default=0.999)
+                        help="train only t in [1, t_max] (default: all of [1, T])")
+    parser.add_argument("--ema-decay", type=decay_rate, default=0.999,
+                        help="decay of the exported EMA weights")
     parser.add_argument("--export-t-star", type=positive_int, default=100,
-                        help="t* of the export")
+                        help="t* of the exported purifier")
     return parser
 
 
@@ -64,6 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_unet(args: argparse.Namespace) -> UNet2DModel:
+    from diffusers import UNet2DModel
+
     if args.unet_config:
         return UNet2DModel(**read_json(args.unet_config, "UNet config"))
     levels = range(len(args.block_out_channels))
@@ -85,6 +97,13 @@ def build_unet(args: argparse.Namespace) -> UNet2DModel:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # Heavy imports after parsing, so that --help answers at once.
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.training_utils import EMAModel
+
+    from purifyguard.purifier import Purifier
+    from purifyguard.train.run import TrainingRun
+
     run = TrainingRun(args, "diffusion", argv)
     scheduler = DDPMScheduler(
         num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule

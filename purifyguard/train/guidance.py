@@ -22,9 +22,8 @@ from torch import nn
 
 from purifyguard.data import load_dataset
 from purifyguard.files import write_atomic, write_json
-from purifyguard.hub import create_guidance_network, load_guidance_network, save_guidance_network
-from purifyguard.model_card import network_card
 from purifyguard.train.options import (
+    HelpFormatter,
     add_common_arguments,
     json_object,
     non_negative_float,
@@ -34,27 +33,30 @@ from purifyguard.train.options import (
     positive_int,
     text,
 )
-from purifyguard.train.run import TrainingRun
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="purifyguard train guidance", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--model", type=text, default="resnet18", help="timm architecture name")
     parser.add_argument("--model-kwargs", type=json_object, default={},
                         help='JSON of extra timm.create_model kwargs, e.g. {"channels": [16, 32, 64, 128]}')
-    parser.add_argument("--num-classes", type=positive_int, default=10)
-    parser.add_argument("--in-chans", type=positive_int, default=1)
+    parser.add_argument("--num-classes", type=positive_int, default=10,
+                        help="classes of the data set")
+    parser.add_argument("--in-chans", type=positive_int, default=1, help="image channels")
     parser.add_argument("--eps", type=non_negative_float, default=0.1,
                         help="L-inf radius of the threat model")
     parser.add_argument("--beta", type=non_negative_float, default=6.0,
-                        help="weight of the TRADES KL term")
-    parser.add_argument("--pgd-steps", type=non_negative_int, default=10)
-    parser.add_argument("--pgd-step-size", type=positive_float, help="default: eps / 4")
+                        help="weight of the TRADES KL term (0: plain training)")
+    parser.add_argument("--pgd-steps", type=non_negative_int, default=10,
+                        help="PGD steps of the TRADES adversary (0: plain training)")
+    parser.add_argument("--pgd-step-size", type=positive_float,
+                        help="PGD step size (default: eps / 4)")
     parser.add_argument("--teacher", type=text, help="folder of a saved timm classifier whose "
-                        "clean predictions become the targets")
-    parser.add_argument("--weight-decay", type=non_negative_float, default=5e-4)
+                        "clean predictions become the targets (default: the data set's labels)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=5e-4,
+                        help="SGD weight decay")
     parser.add_argument("--augment", action="store_true",
                         help="random crops (2-pixel padding) and horizontal flips")
     parser.add_argument("--eval-images", type=positive_int, default=10000,
@@ -114,6 +116,15 @@ def trades_loss(
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_with_config(build_parser(), argv)
+    # Heavy imports after parsing, so that --help answers at once.
+    from purifyguard.hub import (
+        create_guidance_network,
+        load_guidance_network,
+        save_guidance_network,
+    )
+    from purifyguard.model_card import network_card
+    from purifyguard.train.run import TrainingRun
+
     # The one-cycle schedule is built for --steps: a resumed run must keep it.
     run = TrainingRun(args, "guidance", argv, extendable=False)
     step_size = args.pgd_step_size or args.eps / 4
@@ -171,14 +182,17 @@ def main(argv: list[str] | None = None) -> None:
     accuracy = clean_accuracy(model, args, run.device)
     if run.is_main:
         final = run.output_dir / "final"
+        # timm's Hub format (timm.models.save_for_hf, safetensors only): timm.create_model(
+        # "local-dir:<final>", pretrained=True) loads it, and so does load_guidance_network.
         architecture, kwargs = save_guidance_network(model, final)
-        metrics = {"clean test accuracy": accuracy, "test images": args.eval_images}
+        metrics = {"clean_accuracy": accuracy, "n_examples": args.eval_images,
+                   "dataset_split": "test"}
         training = run.training_record(**_objective(args, step_size))
         write_json(final / "metrics.json", metrics)
         write_atomic(final / "README.md", network_card(
             architecture, kwargs, title=f"{architecture} trained by purifyguard",
             description=_objective(args, step_size)["objective"], training=training,
-            metrics=metrics,
+            metrics=metrics, dataset=args.data if args.data != "imagefolder" else None,
         ))
         print(f"clean test accuracy {accuracy:.4f} on {args.eval_images} images; "
               f"exported to {final}")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from purifyguard.cli import HelpFormatter  # noqa: F401 (the routines' help formatter)
 from purifyguard.files import read_json, read_yaml
 from purifyguard.option_types import (  # noqa: F401 (the routines import them from here)
     decay_rate,
@@ -39,28 +40,43 @@ NOT_DEFINING = frozenset({
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options every routine has: data, optimisation, precision, seed, checkpoints, logging."""
-    parser.add_argument("--config", help="YAML or JSON file of options; flags given too win")
+    """Options every routine has: data, optimisation, precision, seed, checkpoints, logging.
+
+    A config file names an option by its dest (steps, batch_size) or by any of its flags
+    (optimizer-steps); an option's first flag is its current name, the others older ones."""
+    parser.add_argument("--config",
+                        help="YAML or JSON file of options; flags given too win (default: none)")
     parser.add_argument("--data", type=text, default="fashion-mnist",
                         help="fashion-mnist, cifar10, cifar100 or imagefolder")
     parser.add_argument("--data-root", type=text,
-                        help="data folder (for Fashion-MNIST: the IDX files)")
+                        help="data folder; imagefolder: the class sub-folders (default: "
+                             "Fashion-MNIST from $PURIFYGUARD_FASHION_MNIST or Debian's "
+                             "/usr/share/datasets/fashion-mnist, CIFAR from "
+                             "~/.cache/purifyguard/<name>)")
     parser.add_argument("--output-dir", type=text, default="runs/train",
                         help="checkpoints, logs, export")
-    parser.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps in all")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="per process")
-    parser.add_argument("--lr", type=positive_float, default=2e-4)
+    parser.add_argument("--optimizer-steps", "--steps", dest="steps", metavar="N",
+                        type=positive_int, default=1000,
+                        help="optimizer steps in all (--steps is the old name; config key: steps)")
+    parser.add_argument("--batch-size", type=positive_int, default=64,
+                        help="images per step, per process")
+    parser.add_argument("--lr", type=positive_float, default=2e-4, help="learning rate")
     parser.add_argument("--grad-accum", type=positive_int, default=1,
-                        help="micro-batches per step")
+                        help="micro-batches per optimizer step")
     parser.add_argument("--mixed-precision", type=text, default="no",
-                        choices=["no", "fp16", "bf16"])
-    parser.add_argument("--seed", type=integer, default=0)
-    parser.add_argument("--checkpoint-every", type=positive_int, default=200, help="steps")
-    parser.add_argument("--keep-checkpoints", type=positive_int, default=2)
-    parser.add_argument("--log-every", type=positive_int, default=10, help="steps")
+                        choices=["no", "fp16", "bf16"], help="accelerate's mixed precision")
+    parser.add_argument("--seed", type=integer, default=0,
+                        help="seed of Python, NumPy and torch (per process) and the data order")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=200,
+                        help="optimizer steps between checkpoints")
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=2,
+                        help="checkpoints kept (the newest)")
+    parser.add_argument("--log-every", type=positive_int, default=10,
+                        help="optimizer steps between logged metrics")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest intact checkpoint (same options)")
-    parser.add_argument("--num-workers", type=non_negative_int, default=0)
+    parser.add_argument("--num-workers", type=non_negative_int, default=0,
+                        help="DataLoader worker processes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -79,6 +95,10 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -
         except (OSError, ValueError) as error:
             parser.error(str(error))
         actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+        try:
+            values = _by_dest(values, parser)
+        except ValueError as error:
+            parser.error(f"{first.config}: {error}")
         unknown = sorted(set(values) - set(actions))
         if unknown:
             parser.error(f"unknown options in {first.config}: {unknown}")
@@ -95,6 +115,25 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -
             if action.dest in values:
                 action.required = False
     return parser.parse_args(argv)
+
+
+def _by_dest(values: dict[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """A config file's options keyed by dest: a key may also be any of an option's flags
+    (optimizer_steps or steps for --optimizer-steps/--steps, dest steps); ValueError when two
+    keys name the same option."""
+    dests = {}
+    for action in parser._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--"):
+                dests[flag[2:].replace("-", "_")] = action.dest
+    by_dest: dict[str, Any] = {}
+    named: dict[str, str] = {}
+    for key, value in values.items():
+        dest = dests.get(key, key)
+        if dest in by_dest:
+            raise ValueError(f"{named[dest]} and {key} name the same option ({dest})")
+        by_dest[dest], named[dest] = value, key
+    return by_dest
 
 
 def _config_value(action: argparse.Action, value: Any) -> Any:
@@ -118,8 +157,9 @@ def _config_value(action: argparse.Action, value: Any) -> Any:
 
 
 def _flag(action: argparse.Action) -> str:
+    """The option's flags as argparse names them ("--optimizer-steps/--steps")."""
     longs = [option for option in action.option_strings if option.startswith("--")]
-    return (longs or action.option_strings or [action.dest])[0]
+    return "/".join(longs or action.option_strings or [action.dest])
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from purifyguard.files import read_json, write_atomic, write_json
+from purifyguard.provenance import portable_command
 from purifyguard.train import checkpoint
 from purifyguard.train.checkpoint import CheckpointError
 from purifyguard.train.options import defining_options, option_differences
@@ -349,7 +350,8 @@ class TrainingRun:
     def training_record(self, **measured: Any) -> dict[str, Any]:
         """How this run trained, for model cards: the command, steps, data, seed, processes."""
         return {
-            "command": shlex.join(["purifyguard", "train", self.routine, *self.argv]),
+            "command": portable_command(
+                shlex.join(["purifyguard", "train", self.routine, *self.argv])),
             "steps": self.args.steps,
             "batch size (per process)": self.args.batch_size,
             "processes": self.accelerator.num_processes,
