@@ -56,9 +56,12 @@ GUIDANCE_CONFIG = "config.json"
 GUIDANCE_WEIGHTS = "model.safetensors"
 MODEL_CARD = "README.md"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-# The files from_diffusers needs from a diffusers pipeline repository (pickles are not fetched).
+# The files from_diffusers needs from a diffusers repository, in the pipeline layout (unet/,
+# scheduler/) or the flat one (everything at the top); pickles are never fetched.
 DIFFUSERS_FILES = ["model_index.json", f"{UNET_DIR}/*.json", f"{UNET_DIR}/{UNET_WEIGHTS}",
-                   f"{SCHEDULER_DIR}/*.json"]
+                   f"{SCHEDULER_DIR}/*.json", "config.json", UNET_WEIGHTS, SCHEDULER_CONFIG]
+# Keys of early diffusers scheduler configs, and their names now.
+LEGACY_SCHEDULER_KEYS = {"timesteps": "num_train_timesteps"}
 LAYOUT_DIRS = (UNET_DIR, SCHEDULER_DIR, GUIDANCE_DIR)
 # create_model kwargs that would load weights from outside a model folder.
 FORBIDDEN_TIMM_KWARGS = frozenset(
@@ -217,10 +220,12 @@ class PurifierHubMixin:
         device: str | torch.device | None = None,
         **settings: Any,
     ) -> Purifier:
-        """A purifier from a diffusers DDPM pipeline (model_index.json, unet/, scheduler/).
-
-        Works on Hub repositories such as google/ddpm-cifar10-32 and on folders written by
-        DDPMPipeline.save_pretrained. Unguided unless settings and guidance_network say otherwise.
+        """A purifier from a diffusers DDPM model, in either of diffusers' layouts: a pipeline
+        (model_index.json, unet/, scheduler/, as DDPMPipeline.save_pretrained writes it) or a
+        flat repository (the UNet's config.json and weights and scheduler_config.json at the top,
+        as google/ddpm-cifar10-32 is on the Hub; legacy scheduler keys such as "timesteps" are
+        read). Safetensors weights only. Unguided unless settings and guidance_network say
+        otherwise.
         """
         _check_dtype(torch_dtype)
         folder = resolve_folder(
@@ -228,18 +233,11 @@ class PurifierHubMixin:
             local_files_only=local_files_only, allow_patterns=DIFFUSERS_FILES,
         )
         check_layout_inside(folder)
-        components = read_json(require_file(folder / "model_index.json"), "pipeline index")
-        unet_entry = components.get(UNET_DIR)
-        unet_class = unet_entry[1] if isinstance(unet_entry, list) and len(unet_entry) == 2 else None
-        if unet_class != "UNet2DModel":
-            raise ValueError(
-                f"{repo_or_dir}: from_diffusers needs an unconditional pipeline whose 'unet' is a "
-                f"UNet2DModel, model_index.json says {unet_class!r}"
-            )
+        unet_folder, scheduler_folder = diffusers_layout(folder, str(repo_or_dir))
         if not Path(repo_or_dir).is_dir():
             settings["extra"] = {**settings.get("extra", {}), "diffusion_model": str(repo_or_dir)}
-        unet = load_unet(folder / UNET_DIR, torch_dtype)
-        scheduler = load_scheduler(folder / SCHEDULER_DIR)
+        unet = load_unet(unet_folder, torch_dtype)
+        scheduler = load_scheduler(scheduler_folder)
         purifier = cls(unet, scheduler, guidance_network, None, t_star=t_star, **settings)
         check_outputs_finite(purifier, folder)
         return purifier.to(device) if device is not None else purifier
@@ -369,10 +367,49 @@ def load_unet(folder: Path, torch_dtype: torch.dtype = torch.float32) -> UNet2DM
     return unet
 
 
+def diffusers_layout(folder: Path, name: str) -> tuple[Path, Path]:
+    """(UNet folder, scheduler folder) of a diffusers repository: unet/ and scheduler/ of a
+    pipeline, or the top folder itself when the repository is flat."""
+    if (folder / UNET_DIR / "config.json").is_file():
+        components = read_json(require_file(folder / "model_index.json"), "pipeline index")
+        entry = components.get(UNET_DIR)
+        unet_class = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+        unet_folder, scheduler_folder = folder / UNET_DIR, folder / SCHEDULER_DIR
+    elif (folder / "config.json").is_file():
+        unet_class = read_json(folder / "config.json", "denoiser config").get("_class_name")
+        unet_folder, scheduler_folder = folder, folder
+    else:
+        raise FileNotFoundError(
+            f"{name}: neither a diffusers pipeline (unet/config.json) nor a flat diffusers model "
+            "(config.json at the top)"
+        )
+    if unet_class != "UNet2DModel":
+        raise ValueError(
+            f"{name}: from_diffusers needs an unconditional UNet2DModel denoiser, the repository "
+            f"says {unet_class!r}"
+        )
+    if not (unet_folder / UNET_WEIGHTS).is_file():
+        pickles = [p for p in sorted(unet_folder.glob("*")) if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles:
+            raise ValueError(_pickle_message(pickles[0].relative_to(folder), folder))
+        raise FileNotFoundError(
+            f"{name}: no safetensors weights ({unet_folder.relative_to(folder) / UNET_WEIGHTS}); "
+            "purifyguard does not load pickle weights (.bin). Convert them in a trusted "
+            "environment: UNet2DModel.from_pretrained(...).save_pretrained(dir, "
+            "safe_serialization=True)"
+        )
+    return unet_folder, scheduler_folder
+
+
 def load_scheduler(folder: Path) -> DDPMScheduler:
-    """The DDPM noise schedule of a diffusers scheduler folder (DDIM/PNDM configs share it)."""
+    """The DDPM noise schedule of a diffusers scheduler folder (DDIM/PNDM configs share it);
+    early configs' keys ("timesteps") are read under their current names."""
     path = require_file(folder / SCHEDULER_CONFIG)
     config = read_json(path, "scheduler config")
+    for old, new in LEGACY_SCHEDULER_KEYS.items():
+        if old in config:
+            config.setdefault(new, config.pop(old))
+    config.pop("_class_name", None)  # e.g. "GaussianDDPMScheduler": the schedule is what counts
     try:
         return DDPMScheduler.from_config(config)
     except (TypeError, ValueError, NotImplementedError) as error:

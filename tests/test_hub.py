@@ -242,6 +242,55 @@ def test_cifar10_ddpm_is_the_registered_default_and_loads_from_the_hub_cache(
     assert purifier.config.extra["diffusion_model"] == "google/ddpm-cifar10-32"
 
 
+def flat_ddpm_repository(folder: Path, timesteps: int = 1000) -> DDPMPipeline:
+    """google/ddpm-cifar10-32's own layout on the Hub: the UNet's config.json and weights and a
+    legacy scheduler_config.json (GaussianDDPMScheduler, "timesteps") at the top."""
+    pipeline = shrunk_ddpm_cifar10_pipeline()
+    pipeline.unet.save_pretrained(folder, safe_serialization=True)
+    (folder / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "GaussianDDPMScheduler", "_diffusers_version": "0.0.4",
+        "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+        "timesteps": timesteps, "trained_betas": None, "variance_type": "fixed_large",
+        "clip_sample": True,
+    }))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "DDPMPipeline", "_diffusers_version": "0.0.4",
+        "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"],
+    }))
+    return pipeline
+
+
+def test_cifar10_ddpm_loads_the_flat_hub_layout_with_its_legacy_scheduler(tmp_path, offline_hub):
+    pipeline = flat_ddpm_repository(tmp_path / "flat")
+    fill_hub_cache(offline_hub, "google/ddpm-cifar10-32", tmp_path / "flat", {"main": "d" * 40})
+
+    purifier = load_purifier("cifar10-ddpm")
+
+    assert (purifier.config.t_star, purifier.channels, purifier.resolution) == (100, 3, 32)
+    assert torch.allclose(purifier.schedule.alphas_cumprod,
+                          pipeline.scheduler.alphas_cumprod.double())
+    for name, weight in pipeline.unet.state_dict().items():
+        assert torch.equal(purifier.unet.state_dict()[name], weight), name
+    assert torch.isfinite(purifier.purify(images(channels=3, size=32), seed=0)).all()
+
+
+def test_a_legacy_timesteps_key_sets_the_schedule_length(tmp_path):
+    """Ignored by diffusers itself (with a warning), which would silently give 1000 steps."""
+    flat_ddpm_repository(tmp_path / "flat", timesteps=400)
+    purifier = Purifier.from_diffusers(tmp_path / "flat", t_star=30)
+    assert purifier.schedule.num_train_timesteps == 400
+
+
+def test_a_flat_repository_with_pickle_weights_only_is_refused(tmp_path):
+    flat_ddpm_repository(tmp_path / "flat")
+    (tmp_path / "flat" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no safetensors weights"):
+        Purifier.from_diffusers(tmp_path / "flat")
+    torch.save({}, tmp_path / "flat" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match="refusing pickle checkpoint diffusion_pytorch_model.bin"):
+        Purifier.from_diffusers(tmp_path / "flat")
+
+
 def test_pickle_checkpoints_are_refused(saved, tmp_path):
     _, folder = saved
     torch.save({"weights": torch.zeros(1)}, folder / "guidance" / "extra.pt")
