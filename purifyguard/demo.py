@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         type=positive_int, default=20,
                         help="PGD steps of attacks 1 and 2 (--steps is the old name)")
     parser.add_argument("--adaptive-n", type=positive_int, default=16, help="images for attack 3")
+    parser.add_argument("--adaptive-batch-size", type=positive_int, default=4,
+                        help="images per batch of attack 3: its full-gradient graph through the "
+                        "purifier takes about 0.35 GiB per image, so small batches keep the demo "
+                        "within 2 GiB")
     parser.add_argument("--adaptive-steps", type=positive_int, default=5,
                         help="PGD steps of attack 3")
     parser.add_argument("--eot", type=positive_int, default=1, help="EOT samples of attack 3")
@@ -79,7 +83,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                       model_name="purified", output_dir=output / "transfer", **common),
              f"PGD-{args.steps} on the classifier only, then purified (transfer, not adaptive)"),
         _row(evaluate(defended, (images, labels), [adaptive], n=args.adaptive_n, runs=args.runs,
-                      model_name="purified", output_dir=output / "adaptive", **common),
+                      model_name="purified", output_dir=output / "adaptive",
+                      **{**common, "batch_size": args.adaptive_batch_size}),
              f"adaptive PGD-{args.adaptive_steps} x EOT-{args.eot}, full gradient through "
              f"purifier + classifier (reduced from {REFERENCE_STEPS} x {REFERENCE_EOT})"),
     ]
