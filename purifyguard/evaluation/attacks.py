@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,15 +238,21 @@ def attacked_model(spec: AttackSpec, model: nn.Module, undefended: nn.Module | N
     return model.with_purifier(purifier.with_settings(**changes))
 
 
+# The attacks that run here one PGD iteration at a time (the others run inside torchattacks).
+STEPPED_KINDS = ("pgd", "bpda", "transfer")
+
+
 def run_attack(
-    spec: AttackSpec, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int
+    spec: AttackSpec, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
+    on_step: Callable[[], object] | None = None,
 ) -> torch.Tensor:
-    """Adversarial images from `model` (already the attacked variant); `seed` fixes all its noise."""
+    """Adversarial images from `model` (already the attacked variant); `seed` fixes all its noise.
+    on_step: called after each iteration of the STEPPED_KINDS attacks (for progress bars)."""
     torch.manual_seed(seed)
-    if spec.kind in ("pgd", "bpda", "transfer"):
+    if spec.kind in STEPPED_KINDS:
         return eot_pgd(
             model, images, labels, eps=spec.eps, step_size=spec.alpha, steps=spec.steps,
-            eot=spec.eot, norm=spec.norm, random_start=spec.random_start,
+            eot=spec.eot, norm=spec.norm, random_start=spec.random_start, on_step=on_step,
         )
     norm = "Linf" if spec.norm == "linf" else "L2"
     n_classes = _n_classes(model, images[:1])

@@ -38,6 +38,7 @@ from purifyguard.evaluation.arguments import (
     check_output_dir,
 )
 from purifyguard.evaluation.attacks import (
+    STEPPED_KINDS,
     AttackSpec,
     attacked_model,
     default_attacks,
@@ -297,12 +298,16 @@ def _run_batches(
                if batch_key(model_name, spec, b, version) not in store]
     attacker = None if spec is None else attacked_model(spec, model, bare)
     finished = []
+    # An iterative attack advances the bar once per iteration, so a long attack shows its rate
+    # and time left from the first batch on; other work advances it once per batch.
+    per_step = spec is not None and spec.kind in STEPPED_KINDS and spec.steps > 0
     with state.split_between_processes(pending) as mine:
         bar = tqdm(
-            mine, desc=f"{model_name} | {attack_name}", unit="batch",
+            total=len(mine) * (spec.steps if per_step else 1),
+            desc=f"{model_name} | {attack_name}", unit="step" if per_step else "batch",
             disable=not (progress and state.is_main_process),
         )
-        for batch in bar:
+        for batch in mine:
             start = time.perf_counter()
             rows = slice(batch * batch_size, (batch + 1) * batch_size)
             x, y = images[rows].to(device), labels[rows].to(device)
@@ -313,7 +318,8 @@ def _run_batches(
             }
             if spec is not None:
                 attack_seed = derive_seed(seed, "attack", attack_name, batch)
-                x_adv = run_attack(spec, attacker, x, y, attack_seed).clamp(0, 1)
+                x_adv = run_attack(spec, attacker, x, y, attack_seed,
+                                   on_step=bar.update if per_step else None).clamp(0, 1)
                 record["perturbation"] = perturbation_norm(x, x_adv, spec.norm).tolist()
                 if batch == 0 and output_dir is not None:
                     _save_adversarial(output_dir, model_name, attack_name, x_adv)
@@ -323,6 +329,9 @@ def _run_batches(
             record["seconds"] = time.perf_counter() - start
             store.add(record)
             finished.append(record)
+            if not per_step:
+                bar.update()
+        bar.close()
     return finished
 
 

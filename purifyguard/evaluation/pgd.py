@@ -8,6 +8,8 @@ file serves both norms with the same arithmetic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,10 +21,10 @@ _TINY = 1e-12
 def eot_pgd(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float, step_size: float,
     steps: int, eot: int = 1, norm: str = "linf", random_start: bool = True,
-    chunk_size: int | None = None,
+    chunk_size: int | None = None, on_step: Callable[[], object] | None = None,
 ) -> torch.Tensor:
     """Adversarial images within `eps` of `images` (norm "linf" or "l2") that raise the loss.
-    chunk_size: see eot_gradient."""
+    chunk_size: see eot_gradient. on_step: called after every iteration (progress)."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     clean = images.detach()
@@ -32,6 +34,8 @@ def eot_pgd(
     for _ in range(steps):
         gradient = eot_gradient(model, adversarial, labels, eot, chunk_size)
         adversarial = project(clean, adversarial + step_size * ascent(gradient, norm), eps, norm)
+        if on_step is not None:
+            on_step()
     return adversarial
 
 
