@@ -220,12 +220,12 @@ def test_an_interrupted_run_resumes_and_matches_an_uninterrupted_one(
     calls, crashes = [], []
     real_run_attack = harness.run_attack
 
-    def crashing_run_attack(spec, *args):
+    def crashing_run_attack(spec, *args, **kwargs):
         calls.append(spec.label)
         if len(calls) == 2 and not crashes:
             crashes.append(spec.label)
             raise Interrupted("simulated interruption")
-        return real_run_attack(spec, *args)
+        return real_run_attack(spec, *args, **kwargs)
 
     monkeypatch.setattr(harness, "run_attack", crashing_run_attack)
     with pytest.raises(Interrupted):
@@ -261,7 +261,8 @@ def test_a_changed_model_is_never_answered_from_stored_batches(purified, tmp_pat
     calls = []
     real_run_attack = harness.run_attack
     monkeypatch.setattr(harness, "run_attack",
-                        lambda spec, *args: calls.append(spec.label) or real_run_attack(spec, *args))
+                        lambda spec, *args, **kwargs: calls.append(spec.label)
+                        or real_run_attack(spec, *args, **kwargs))
     evaluate(purified, data, ["transfer:steps=1,eot=1"], **settings)
     assert calls == []
     with torch.no_grad():
