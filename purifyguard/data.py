@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -45,6 +45,44 @@ class ImageTensorDataset(Dataset):
         """The first `count` images as float [0, 1] and their labels, in one go."""
         count = len(self) if count is None else count
         return self.images[:count].float() / 255, self.labels[:count]
+
+
+def validation_split(dataset: Dataset, size: int, seed: int = 0) -> tuple[Subset, Subset]:
+    """(training part, validation part) of a training set: `size` examples held out with the same
+    share of every class (quotas by largest remainder), chosen with `seed`; the rest train.
+    The same data, size and seed always give the same split."""
+    labels = _labels_of(dataset)
+    if not 1 <= size < len(labels):
+        raise ValueError(
+            f"validation size must lie in [1, {len(labels) - 1}] for a training set of "
+            f"{len(labels)} examples, got {size}"
+        )
+    classes, counts = labels.unique(return_counts=True)
+    shares = counts.double() * size / len(labels)
+    quotas = shares.floor().long()
+    remainders = (shares - quotas).tolist()
+    missing = size - int(quotas.sum())
+    for k in sorted(range(len(classes)), key=lambda k: (-remainders[k], k))[:missing]:
+        quotas[k] += 1
+    generator = torch.Generator().manual_seed(seed)
+    held_out = []
+    for label, quota in zip(classes.tolist(), quotas.tolist()):
+        members = (labels == label).nonzero().flatten()
+        held_out.append(members[torch.randperm(len(members), generator=generator)[:quota]])
+    validation = torch.cat(held_out).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[validation] = False
+    return (Subset(dataset, keep.nonzero().flatten().tolist()),
+            Subset(dataset, validation.tolist()))
+
+
+def _labels_of(dataset: Dataset) -> torch.Tensor:
+    """Every label of a data set, from its labels/targets attribute when it has one."""
+    for name in ("labels", "targets"):
+        values = getattr(dataset, name, None)
+        if values is not None:
+            return torch.as_tensor(values).long()
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
 
 
 def load_dataset(

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"{args.purifier}: adapt needs a purifier with adversarial guidance, "
                          f"got guidance={defended.config.guidance!r}")
     classifier = load_guidance_network(Path(args.classifier)).requires_grad_(False).eval()
-    dataset = load_dataset(args.data, args.data_root, train=True)
+    dataset = run.training_part(load_dataset(args.data, args.data_root, train=True))
 
     few_steps = {"n_steps": args.train_steps} if args.train_sampler == "ddim" else {}
     purifier = defended.with_settings(

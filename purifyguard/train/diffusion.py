@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule
     )
     t_max = args.num_train_timesteps if args.t_max is None else args.t_max
-    dataset = load_dataset(args.data, args.data_root, train=True, image_size=args.image_size)
+    dataset = run.training_part(
+        load_dataset(args.data, args.data_root, train=True, image_size=args.image_size))
 
     unet = build_unet(args)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DModel,

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     # The one-cycle schedule is built for --steps: a resumed run must keep it.
     run = TrainingRun(args, "guidance", argv, extendable=False)
     step_size = args.pgd_step_size or args.eps / 4
-    dataset = load_dataset(args.data, args.data_root, train=True)
+    dataset = run.training_part(load_dataset(args.data, args.data_root, train=True))
     model = create_guidance_network(
         args.model, num_classes=args.num_classes, in_chans=args.in_chans,
         pretrained_cfg_overlay=raw_input_config(dataset[0][0].shape), **args.model_kwargs,

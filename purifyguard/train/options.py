@@ -65,6 +65,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="micro-batches per optimizer step")
     parser.add_argument("--mixed-precision", type=text, default="no",
                         choices=["no", "fp16", "bf16"], help="accelerate's mixed precision")
+    parser.add_argument("--validation-size", type=non_negative_int, default=0,
+                        help="training images held out for validation (class-stratified, chosen "
+                        "by --validation-seed) and never trained on; 0 trains on all")
+    parser.add_argument("--validation-seed", type=integer, default=0,
+                        help="seed of the validation split (the same across routines, so every "
+                        "model of a defence holds out the same images)")
     parser.add_argument("--seed", type=integer, default=0,
                         help="seed of Python, NumPy and torch (per process) and the data order")
     parser.add_argument("--checkpoint-every", type=positive_int, default=200,

@@ -94,6 +94,14 @@ class TrainingRun:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    def training_part(self, dataset: Dataset) -> Dataset:
+        """The training set less the --validation-size images held out for validation."""
+        if not self.args.validation_size:
+            return dataset
+        from purifyguard.data import validation_split
+
+        return validation_split(dataset, self.args.validation_size, self.args.validation_seed)[0]
+
     def loader(self, dataset: Dataset, shuffle: bool = True) -> DataLoader:
         generator = torch.Generator().manual_seed(self.args.seed)
         return DataLoader(
@@ -355,7 +363,9 @@ class TrainingRun:
             "steps": self.args.steps,
             "batch size (per process)": self.args.batch_size,
             "processes": self.accelerator.num_processes,
-            "data": f"{self.args.data} (training split)",
+            "data": f"{self.args.data} (training split)" + (
+                f", less {self.args.validation_size} validation images (class-stratified, seed "
+                f"{self.args.validation_seed})" if self.args.validation_size else ""),
             "seed": self.args.seed,
             **measured,
         }
