@@ -542,12 +542,7 @@ def guidance_config(config: dict[str, Any], path: Path) -> tuple[str, dict[str, 
             f"{sorted(set(config) - OLD_LAYOUT_KEYS)} (timm's); write it again with "
             "save_guidance_network"
         )
-    _check_library(config, path)
-    architecture = _check_architecture(config.get("architecture"), path)
-    model_args = config.get("model_args", {})
-    if not isinstance(model_args, dict):
-        raise ValueError(f"{path}: model_args must be a mapping, got {model_args!r}")
-    _check_forbidden(model_args, path, "model_args")
+    architecture, model_args = _architecture_and_arguments(config, "model_args", path)
     if "pretrained_cfg_overlay" in model_args:
         raise ValueError(
             f"{path}: model_args may not hold pretrained_cfg_overlay; the input settings belong "
@@ -578,15 +573,24 @@ def guidance_config(config: dict[str, Any], path: Path) -> tuple[str, dict[str, 
     return architecture, kwargs
 
 
+def _architecture_and_arguments(
+    config: dict[str, Any], key: str, path: Path
+) -> tuple[str, dict[str, Any]]:
+    """The checks both layouts share: a timm library and architecture name, and create_model
+    arguments (under `key`) that are a mapping naming nothing to load from elsewhere."""
+    _check_library(config, path)
+    architecture = _check_architecture(config.get("architecture"), path)
+    arguments = config.get(key, {})
+    if not isinstance(arguments, dict):
+        raise ValueError(f"{path}: {key} must be a mapping, got {arguments!r}")
+    _check_forbidden(arguments, path, key)
+    return architecture, arguments
+
+
 def _old_layout_config(config: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]]:
     """{"library": "timm", "architecture": ..., "kwargs": {...}}, as purifyguard wrote network
     folders before it adopted timm's format; such folders still load."""
-    _check_library(config, path)
-    architecture = _check_architecture(config.get("architecture"), path)
-    kwargs = config.get("kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"{path}: kwargs must be a mapping, got {kwargs!r}")
-    _check_forbidden(kwargs, path, "kwargs")
+    architecture, kwargs = _architecture_and_arguments(config, "kwargs", path)
     overlay = kwargs.get("pretrained_cfg_overlay", {})
     if not isinstance(overlay, dict) or set(overlay) - INPUT_CONFIG_KEYS:
         raise ValueError(
