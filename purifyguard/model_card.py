@@ -110,18 +110,19 @@ def training_section(training: dict[str, Any] | None, title: str = "How it was t
 def network_card(
     architecture: str, kwargs: dict[str, Any], *, title: str, description: str,
     training: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
-    dataset: str | None = None, model_name: str | None = None,
+    dataset: str | None = None, model_name: str | None = None, sections: list[str] | None = None,
 ) -> str:
     """The card of a saved timm network folder (a classifier or a guidance network), which timm
     loads itself (library_name: timm). metrics' clean_accuracy / robust_accuracy on `dataset`
-    (or metrics["dataset"]) become model-index results."""
+    (or metrics["dataset"]) become model-index results; `sections` (Markdown, e.g. a learning
+    curve) follow the results."""
     front_matter = {"library_name": "timm", "pipeline_tag": PIPELINE_TAG,
                     "tags": list(NETWORK_TAGS)}
     results = eval_results(metrics, dataset)
     if results:
         front_matter.update(model_name=model_name or title, eval_results=results)
     arguments = ", ".join(f"{key}={value!r}" for key, value in _shown(kwargs).items())
-    sections = [
+    card_sections = [
         f"# {title}",
         description,
         ("```python\nimport timm\n\n# timm's own loader (the folder is in timm's Hub format; "
@@ -136,8 +137,9 @@ def network_card(
             _table({name: _format(value) for name, value in metrics.items()},
                    header=("metric", "value")) if metrics else "Not measured."
         ),
+        *(sections or []),
     ]
-    return _card(front_matter, sections)
+    return _card(front_matter, card_sections)
 
 
 def eval_results(metrics: dict[str, Any] | None, dataset: str | None = None) -> list[EvalResult]:

@@ -9,6 +9,11 @@
 latent space follows that classifier's semantics. --beta 0 --pgd-steps 0 is plain training,
 which is how the standard classifier of the demo is trained. The export (output_dir/final) is
 the network as safetensors with its timm architecture and kwargs.
+
+With --validation-size N the run holds N training images out, measures clean and PGD accuracy
+on them every --validate-every steps (default: once an epoch), logs the learning curve, keeps
+the best network in output_dir/best (robust accuracy decides when the run is adversarial,
+clean accuracy otherwise) and exports it (--export best), since robust training overfits.
 """
 
 from __future__ import annotations
@@ -61,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random crops (2-pixel padding) and horizontal flips")
     parser.add_argument("--eval-images", type=positive_int, default=10000,
                         help="test images for the final clean accuracy")
+    validation = parser.add_argument_group("validation (with --validation-size)")
+    validation.add_argument("--validate-every", type=positive_int,
+                            help="optimizer steps between validations (default: one epoch)")
+    validation.add_argument("--validation-images", type=positive_int, default=1000,
+                            help="held-out images measured at each validation")
+    validation.add_argument("--validation-attack-steps", type=non_negative_int, default=10,
+                            help="PGD steps (L-inf --eps, step eps / 4, random start) of the "
+                            "robust validation; 0 measures clean accuracy only")
+    validation.add_argument("--export", choices=("best", "last"), default="best",
+                            help="network exported to output_dir/final: the best validated one "
+                            "or the last one")
     return parser
 
 
@@ -124,11 +140,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     from purifyguard.model_card import network_card
     from purifyguard.train.run import TrainingRun
+    from purifyguard.train.validation import Validator
 
     # The one-cycle schedule is built for --steps: a resumed run must keep it.
     run = TrainingRun(args, "guidance", argv, extendable=False)
     step_size = args.pgd_step_size or args.eps / 4
-    dataset = run.training_part(load_dataset(args.data, args.data_root, train=True))
+    full_training_set = load_dataset(args.data, args.data_root, train=True)
+    dataset = run.training_part(full_training_set)
+    validator = Validator(args, run, run.validation_part(full_training_set), len(dataset))
     model = create_guidance_network(
         args.model, num_classes=args.num_classes, in_chans=args.in_chans,
         pretrained_cfg_overlay=raw_input_config(dataset[0][0].shape), **args.model_kwargs,
@@ -142,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         model, optimizer, run.loader(dataset), schedule
     )
     start = run.resume()
+    validator.restore()
     batches = run.batches(loader)
 
     model.train()
@@ -175,10 +195,14 @@ def main(argv: list[str] | None = None) -> None:
             run.log(bar, step + 1, {
                 name: run.accelerator.reduce(value, "mean").item() for name, value in metrics.items()
             })
+        if validator.should(step):
+            validator.validate(run.accelerator.unwrap_model(model), step + 1, bar)
         if run.should(args.checkpoint_every, step):
             run.save_checkpoint(step + 1)
 
     model = run.accelerator.unwrap_model(model).eval()
+    if validator.active and args.export == "best" and validator.best.best is not None:
+        model = load_guidance_network(validator.best.folder).to(run.device).eval()
     accuracy = clean_accuracy(model, args, run.device)
     if run.is_main:
         final = run.output_dir / "final"
@@ -187,12 +211,13 @@ def main(argv: list[str] | None = None) -> None:
         architecture, kwargs = save_guidance_network(model, final)
         metrics = {"clean_accuracy": accuracy, "n_examples": args.eval_images,
                    "dataset_split": "test"}
-        training = run.training_record(**_objective(args, step_size))
+        training = run.training_record(**_objective(args, step_size), **validator.record())
         write_json(final / "metrics.json", metrics)
         write_atomic(final / "README.md", network_card(
             architecture, kwargs, title=f"{architecture} trained by purifyguard",
             description=_objective(args, step_size)["objective"], training=training,
             metrics=metrics, dataset=args.data if args.data != "imagefolder" else None,
+            sections=validator.card_sections(final),
         ))
         print(f"clean test accuracy {accuracy:.4f} on {args.eval_images} images; "
               f"exported to {final}")

@@ -102,6 +102,14 @@ class TrainingRun:
 
         return validation_split(dataset, self.args.validation_size, self.args.validation_seed)[0]
 
+    def validation_part(self, dataset: Dataset) -> Dataset | None:
+        """The --validation-size held-out images (None when nothing is held out)."""
+        if not self.args.validation_size:
+            return None
+        from purifyguard.data import validation_split
+
+        return validation_split(dataset, self.args.validation_size, self.args.validation_seed)[1]
+
     def loader(self, dataset: Dataset, shuffle: bool = True) -> DataLoader:
         generator = torch.Generator().manual_seed(self.args.seed)
         return DataLoader(
