@@ -3,6 +3,10 @@
 Offline, Fashion-MNIST is read from a folder holding its four IDX files (gzipped or not), such as
 /usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist; set it with `root=` or the
 PURIFYGUARD_FASHION_MNIST variable. Online, torchvision downloads it.
+
+CIFAR-10 is read from torchvision's python version (`root/cifar-10-batches-py`, or that folder
+itself) or from a tree of its ten class folders (`root/{train,test}/<class>/*`, or
+`root/<class>/*`), such as a JPEG copy; `cifar10_label` names the copy a result was measured on.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+CIFAR_BATCHES = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+JPEG_SUFFIXES = (".jpg", ".jpeg")
 _DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
 
@@ -93,7 +102,9 @@ def load_dataset(
 
     name: "fashion-mnist", "cifar10", "cifar100" or "imagefolder" (root is then the folder of
     class sub-folders; for an ImageNet-style tree or the cifar10-jpeg copy, point root at its
-    train/ or test/ split, or at the parent to have train= choose).
+    train/ or test/ split, or at the parent to have train= choose). "cifar10" reads
+    torchvision's files (root holding cifar-10-batches-py, or that folder; downloaded when
+    missing and download=True) or a tree of CIFAR-10's class folders (cifar10_image_tree).
     """
     if name == "fashion-mnist":
         return fashion_mnist(root, train=train, download=download)
@@ -162,14 +173,71 @@ def _stage_idx_files(source: Path, raw: Path) -> None:
         partial.replace(target)
 
 
-def _cifar(name: str, root: str | Path | None, train: bool, download: bool) -> ImageTensorDataset:
+def _cifar(name: str, root: str | Path | None, train: bool, download: bool) -> Dataset:
     from torchvision.datasets import CIFAR10, CIFAR100
 
+    if name == "cifar10" and root is not None and _class_tree(Path(root), train) is not None:
+        return cifar10_image_tree(root, train)
+    root = Path(root) if root is not None else Path.home() / ".cache" / "purifyguard" / name
+    if root.name == CIFAR_BATCHES[name]:  # the extracted folder itself
+        root = root.parent
     cls = CIFAR10 if name == "cifar10" else CIFAR100
-    root = root or Path.home() / ".cache" / "purifyguard" / name
     dataset = cls(str(root), train=train, download=download)
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
     return ImageTensorDataset(images, torch.tensor(dataset.targets), tuple(dataset.classes))
+
+
+def cifar10_image_tree(root: str | Path, train: bool = True) -> Dataset:
+    """CIFAR-10 from a tree of its ten class folders (root/{train,test}/<class>/ or
+    root/<class>/), as images in [0, 1] at their stored size, with CIFAR-10's labels. The files are
+    interleaved class by class (the i-th file of every class in turn), so that the first n
+    images cover every class, as the first n of CIFAR-10's own test set do."""
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    folder = _class_tree(Path(root), train)
+    if folder is None:
+        raise FileNotFoundError(
+            f"{root} holds neither CIFAR-10's ten class folders {CIFAR10_CLASSES} (directly or "
+            "under train/ and test/) nor torchvision's cifar-10-batches-py"
+        )
+    found = sorted(path.name for path in folder.iterdir() if path.is_dir())
+    if tuple(found) != CIFAR10_CLASSES:
+        raise ValueError(
+            f"{folder} must hold exactly CIFAR-10's ten class folders {CIFAR10_CLASSES}, "
+            f"found {found}"
+        )
+    dataset = ImageFolder(str(folder), transform=transforms.ToTensor())
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for sample in dataset.samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    longest = max(len(samples) for samples in by_class.values())
+    dataset.samples = [samples[i] for i in range(longest) for samples in by_class.values()
+                       if i < len(samples)]
+    dataset.imgs = dataset.samples
+    dataset.targets = [label for _, label in dataset.samples]
+    return dataset
+
+
+def cifar10_label(root: str | Path | None, train: bool = False) -> str:
+    """The name under which results on this CIFAR-10 copy are reported: "cifar10" for
+    torchvision's files, "cifar10-jpeg" for a tree of JPEG files (re-encoded images differ from
+    CIFAR-10's own pixels), "cifar10-imagefolder" for a tree of other image files."""
+    folder = None if root is None else _class_tree(Path(root), train)
+    if folder is None:
+        return "cifar10"
+    first = next((path for path in sorted((folder / CIFAR10_CLASSES[0]).iterdir())
+                  if path.is_file()), None)
+    return ("cifar10-jpeg" if first is not None and first.suffix.lower() in JPEG_SUFFIXES
+            else "cifar10-imagefolder")
+
+
+def _class_tree(root: Path, train: bool) -> Path | None:
+    """The folder holding CIFAR-10's ten class folders for the split, or None."""
+    for folder in (root / ("train" if train else "test"), root):
+        if all((folder / name).is_dir() for name in CIFAR10_CLASSES):
+            return folder
+    return None
 
 
 def _image_folder(root: str | Path | None, train: bool, image_size: int | None) -> Dataset:

@@ -116,3 +116,27 @@ def _cifar10_ddpm() -> Purifier:
     return Purifier.from_diffusers(
         "google/ddpm-cifar10-32", t_star=100, training_data="CIFAR-10 (training split)"
     )
+
+
+def _cifar10_recipe(name: str, description: str) -> None:
+    """Register a recipe of purifyguard.cifar10 (loaded, with its imports, only when used)."""
+
+    def load() -> Purifier:
+        from purifyguard.cifar10 import load_cifar10_purifier
+
+        return load_cifar10_purifier(name)
+
+    register_purifier(name, channels=3, resolution=32, description=description)(load)
+
+
+_cifar10_recipe(
+    "cifar10-agdm",
+    "Adversarially guided purification (AGDM) at t*=100, 10 DDIM steps: google/ddpm-cifar10-32 "
+    "guided by RobustBench's TRADES WideResNet-34-10 (Zhang2019Theoretically, L-inf); both "
+    "downloaded on first use, robustbench needed (docs/cifar10.md)",
+)
+_cifar10_recipe(
+    "cifar10-agdm-l2",
+    "cifar10-agdm for L2 at t*=75: guided by RobustBench's TRADES WideResNet-28-10 "
+    "(Rebuffi2021Fixing_28_10_cutmix_ddpm, L2); both downloaded on first use (docs/cifar10.md)",
+)
