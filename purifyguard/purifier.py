@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from typing import Any
 
@@ -63,6 +64,9 @@ class Purifier(PurifierHubMixin, nn.Module):
             torch.tensor(float(config.guidance_scale)), requires_grad=False
         )
         self.last_nfe = 0
+        # The compiled denoiser, if compile_denoiser() was called; kept out of the module tree
+        # so that it adds nothing to state_dict() or save_pretrained().
+        self._compiled: dict[str, Any] = {}
         self.eval()
 
     @property
@@ -74,9 +78,25 @@ class Purifier(PurifierHubMixin, nn.Module):
         return self.config.channels
 
     def with_settings(self, **changes: Any) -> Purifier:
-        """A purifier sharing this one's networks, with some settings changed."""
+        """A purifier sharing this one's networks (compiled or not), with some settings changed."""
         settings = self.current_config().replace(**changes)
-        return Purifier(self.unet, self.schedule.scheduler_config, self.guidance_network, settings)
+        purifier = Purifier(self.unet, self.schedule.scheduler_config, self.guidance_network,
+                            settings)
+        purifier._compiled = self._compiled
+        return purifier
+
+    def compile_denoiser(self, **compile_options: Any) -> Purifier:
+        """Run the denoiser through torch.compile where no double backward is needed (opt-in).
+
+        Purification without a graph, guided or not, and attacks on unguided or pixel-guided
+        purifiers use the compiled denoiser; the full-gradient path of latent guidance on x0_hat
+        differentiates the guidance gradient itself (a double backward), which compiled graphs
+        do not support, so it stays eager. The first calls compile (a C++ compiler is needed on
+        a CPU; expect a minute or more) and every new batch shape may compile again. If
+        compiling fails, a warning says why and the eager denoiser is used from then on.
+        compile_options go to torch.compile (e.g. mode="max-autotune"). Returns self."""
+        self._compiled["denoiser"] = torch.compile(self.unet, **compile_options)
+        return self
 
     def current_config(self) -> PurifierConfig:
         """The config with the guidance scale as it is now (it may have been fine-tuned)."""
@@ -242,6 +262,15 @@ class Purifier(PurifierHubMixin, nn.Module):
         """eps_theta(x_t, t). A graph of the guidance gradient needs the math attention kernel:
         the fused CPU kernel has no double backward."""
         timesteps = torch.full((x_t.shape[0],), index, device=x_t.device, dtype=torch.long)
+        compiled = self._compiled.get("denoiser")
+        if compiled is not None and not double_backward:
+            try:
+                return compiled(x_t.to(self.unet.dtype), timesteps).sample.to(x_t.dtype)
+            except Exception as error:  # noqa: BLE001 (any compiler failure: fall back to eager)
+                warnings.warn(f"the compiled denoiser failed ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); using the "
+                              "eager denoiser from now on", RuntimeWarning, stacklevel=2)
+                self._compiled.pop("denoiser", None)
         kernel = sdpa_kernel(SDPBackend.MATH) if double_backward else nullcontext()
         with kernel:
             return self.unet(x_t.to(self.unet.dtype), timesteps).sample.to(x_t.dtype)
