@@ -2,7 +2,8 @@
 
 | kind            | what it does                                                  | gradient       |
 |-----------------|---------------------------------------------------------------|----------------|
-| pgd             | PGD with EOT through the whole purified model (the primary)   | full/surrogate |
+| apgd-eot        | APGD with EOT, CE/margin restarts, selection on fresh draws   | full/surrogate |
+| pgd             | PGD with EOT through the whole purified model                 | full/surrogate |
 | autoattack-rand | torchattacks AutoAttack version="rand": APGD-CE + APGD-DLR, EOT | full/surrogate |
 | bpda            | PGD with EOT, the purifier's backward replaced by the identity | bpda          |
 | transfer        | PGD crafted on the undefended classifier, replayed on the defence | transfer     |
@@ -21,13 +22,26 @@ import torchattacks
 from torch import nn
 
 from purifyguard.config import SAMPLERS
+from purifyguard.evaluation.apgd import (
+    CANDIDATES_PER_RESTART,
+    CHECKPOINT_SHRINK,
+    FIRST_CHECKPOINT,
+    LOSS_PLANS,
+    MIN_CHECKPOINT,
+    RHO,
+    apgd_eot,
+    default_restarts,
+)
 from purifyguard.evaluation.arguments import (
     check_name,
 )
+from purifyguard.evaluation.em_weighting import EOT_WEIGHTINGS
 from purifyguard.evaluation.pgd import NORMS, eot_pgd
+from purifyguard.evaluation.seeds import derive_seed
+from purifyguard.evaluation.trace import AttackTrace
 from purifyguard.validation import check_bool, check_choice, check_int, check_number
 
-KINDS = ("pgd", "autoattack-rand", "bpda", "transfer", "square")
+KINDS = ("apgd-eot", "pgd", "autoattack-rand", "bpda", "transfer", "square")
 GRADIENTS = ("full", "surrogate")
 # Reference settings of the protocol (docs/evaluation.md, "The protocol"; after Lee and Kim 2023).
 REFERENCE_STEPS = 200
@@ -40,13 +54,19 @@ REFERENCE_SQUARE_QUERIES = 5000
 class AttackSpec:
     """One attack, fully described: the record of every result carries all of these fields.
 
-    step_size: None means eps / 4 (the protocol's default; 0.007 is its choice for 8/255).
-    steps: iterations (APGD iterations per loss for autoattack-rand; unused by square).
+    step_size: None means eps / 4 (the protocol's default; 0.007 is its choice for 8/255), and
+        for apgd-eot the initial step 2 eps (APGD's).
+    steps: iterations (APGD iterations per loss for autoattack-rand; gradient iterations of all
+        restarts together for apgd-eot; unused by square).
     eot: gradient samples per iteration (EOT), 1 for no EOT.
     gradient: "full" differentiates the defended process; "surrogate" differentiates a cheaper
         one (surrogate_sampler with surrogate_steps steps) while the verdict uses the real one.
     checkpointing: recompute reverse steps in the backward (same gradient, less memory).
     n_queries: model queries of the square attack.
+    apgd-eot only (apgd.py): restarts (they share the steps; None: one per 100), loss ("ce+margin" alternates
+    cross-entropy and the margin loss across restarts, or "ce" / "margin" throughout), momentum
+    (APGD's 0.75), select_draws (fresh forward passes per candidate for the final choice; 0
+    lets the crafting draws decide), eot_weighting ("mean": plain EOT, "em": DiffHammer-style).
     """
 
     kind: str = "pgd"
@@ -62,6 +82,11 @@ class AttackSpec:
     surrogate_steps: int = 5
     checkpointing: bool = False
     n_queries: int = REFERENCE_SQUARE_QUERIES
+    restarts: int | None = None
+    loss: str = "ce+margin"
+    momentum: float = 0.75
+    select_draws: int = 4
+    eot_weighting: str = "mean"
 
     def __post_init__(self) -> None:
         """Check every field (ValueError naming it); numbers are stored as plain floats/ints."""
@@ -73,7 +98,8 @@ class AttackSpec:
             check_choice("norm", self.norm, NORMS)
             # eps = 0 is allowed: the no-attack point of an eps sweep (see sanity.py).
             self.eps = check_number("eps", self.eps, non_negative=True)
-            self.steps = check_int("steps", self.steps, 1 if self.kind == "autoattack-rand" else 0)
+            least = 1 if self.kind in ("autoattack-rand", "apgd-eot") else 0
+            self.steps = check_int("steps", self.steps, least)
             if self.step_size is not None:
                 self.step_size = check_number("step_size", self.step_size, positive=True)
             self.eot = check_int("eot", self.eot, 1)
@@ -83,6 +109,17 @@ class AttackSpec:
             self.surrogate_steps = check_int("surrogate_steps", self.surrogate_steps, 1)
             check_bool("checkpointing", self.checkpointing)
             self.n_queries = check_int("n_queries", self.n_queries, 1)
+            if self.restarts is not None:
+                self.restarts = check_int("restarts", self.restarts, 1)
+            if self.kind == "apgd-eot" and self.n_restarts > self.steps:
+                raise ValueError(f"restarts must be <= steps ({self.steps}), each restart needs "
+                                 f"a gradient iteration, got {self.restarts}")
+            check_choice("loss", self.loss, LOSS_PLANS)
+            self.momentum = check_number("momentum", self.momentum, positive=True)
+            if self.momentum > 1:
+                raise ValueError(f"momentum must lie in (0, 1], got {self.momentum!r}")
+            self.select_draws = check_int("select_draws", self.select_draws, 0)
+            check_choice("eot_weighting", self.eot_weighting, EOT_WEIGHTINGS)
         except ValueError as error:
             raise ValueError(where + str(error)) from None
         if self.name is None:
@@ -96,8 +133,10 @@ class AttackSpec:
 
     @property
     def alpha(self) -> float:
-        """The step size actually used."""
-        return self.eps / 4 if self.step_size is None else self.step_size
+        """The step size actually used (apgd-eot: the initial one)."""
+        if self.step_size is not None:
+            return self.step_size
+        return 2 * self.eps if self.kind == "apgd-eot" else self.eps / 4
 
     @property
     def gradient_mode(self) -> str:
@@ -123,6 +162,30 @@ class AttackSpec:
             return self.steps < REFERENCE_APGD_STEPS or self.eot < REFERENCE_EOT
         return self.steps < REFERENCE_STEPS or self.eot < REFERENCE_EOT
 
+    @property
+    def n_restarts(self) -> int:
+        """apgd-eot's restarts: as set, or one per 100 gradient iterations (at least one)."""
+        return default_restarts(self.steps) if self.restarts is None else self.restarts
+
+    @property
+    def gradient_evaluations(self) -> int:
+        """Forward + backward passes per example through the attacked model (autoattack-rand:
+        at most, it skips examples already misclassified; square: none)."""
+        if self.kind == "square":
+            return 0
+        if self.kind == "transfer":
+            return self.steps
+        if self.kind == "autoattack-rand":
+            return 2 * (self.steps + 1) * self.eot  # APGD-CE then APGD-DLR, start point included
+        return self.steps * self.eot
+
+    @property
+    def selection_forward_passes(self) -> int:
+        """Forward passes per example spent choosing among candidates on fresh draws."""
+        if self.kind != "apgd-eot":
+            return 0
+        return CANDIDATES_PER_RESTART * self.n_restarts * self.select_draws
+
     def replace(self, **changes: Any) -> AttackSpec:
         return dataclasses.replace(self, **changes)
 
@@ -136,7 +199,39 @@ class AttackSpec:
             "checkpointing": self.checkpointing,
             "n_queries": self.n_queries if self.kind == "square" else None,
             "reduced": self.reduced,
+            **self._apgd_settings(),
+            "gradient_evaluations": self.gradient_evaluations,
+            "selection_forward_passes": self.selection_forward_passes,
         }
+
+    def _apgd_settings(self) -> dict[str, Any]:
+        """apgd-eot's own settings, None for every other kind."""
+        if self.kind != "apgd-eot":
+            return dict.fromkeys(APGD_KEYS)
+        return {
+            "restarts": self.n_restarts, "loss": self.loss, "momentum": self.momentum,
+            "select_draws": self.select_draws, "eot_weighting": self.eot_weighting,
+            "step_schedule": {
+                "initial_step": self.alpha, "first_checkpoint": FIRST_CHECKPOINT,
+                "checkpoint_shrink": CHECKPOINT_SHRINK, "min_checkpoint": MIN_CHECKPOINT,
+                "rho": RHO, "candidates_per_restart": CANDIDATES_PER_RESTART,
+            },
+        }
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that make two attacks the same (batch keys): to_dict without the budget,
+        which follows from them, and without the apgd-eot settings of other kinds (so batches
+        stored before those settings existed keep their keys)."""
+        settings = self.to_dict()
+        for key in ("gradient_evaluations", "selection_forward_passes"):
+            del settings[key]
+        for key in APGD_KEYS:
+            if settings[key] is None:
+                del settings[key]
+        return settings
+
+
+APGD_KEYS = ("restarts", "loss", "momentum", "select_draws", "eot_weighting", "step_schedule")
 
 
 def parse_attack(text: str) -> AttackSpec:
@@ -197,9 +292,11 @@ def _parse_value(raw: str, annotation: str) -> Any:
 def default_attacks(norm: str = "linf", eps: float = 0.1, steps: int = REFERENCE_STEPS,
                     eot: int = REFERENCE_EOT, n_queries: int = REFERENCE_SQUARE_QUERIES
                     ) -> list[AttackSpec]:
-    """The protocol's set: PGD-EOT (full gradient), AutoAttack rand, BPDA+EOT, transfer, Square."""
+    """The protocol's set: APGD-EOT (the primary), PGD-EOT at the same budget (full gradient),
+    AutoAttack rand, BPDA+EOT, transfer, Square."""
     common = {"norm": norm, "eps": eps}
     return [
+        AttackSpec("apgd-eot", **common, steps=steps, eot=eot),
         AttackSpec("pgd", **common, steps=steps, eot=eot),
         AttackSpec("autoattack-rand", **common, steps=min(steps, REFERENCE_APGD_STEPS), eot=eot),
         AttackSpec("bpda", **common, steps=steps, eot=eot),
@@ -238,21 +335,31 @@ def attacked_model(spec: AttackSpec, model: nn.Module, undefended: nn.Module | N
     return model.with_purifier(purifier.with_settings(**changes))
 
 
-# The attacks that run here one PGD iteration at a time (the others run inside torchattacks).
-STEPPED_KINDS = ("pgd", "bpda", "transfer")
+# The attacks that run here one gradient iteration at a time (the others run in torchattacks).
+STEPPED_KINDS = ("apgd-eot", "pgd", "bpda", "transfer")
 
 
 def run_attack(
     spec: AttackSpec, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
-    on_step: Callable[[], object] | None = None,
+    on_step: Callable[[], object] | None = None, trace: AttackTrace | None = None,
 ) -> torch.Tensor:
     """Adversarial images from `model` (already the attacked variant); `seed` fixes all its noise.
-    on_step: called after each iteration of the STEPPED_KINDS attacks (for progress bars)."""
+    on_step: called after each gradient iteration of the STEPPED_KINDS attacks (progress bars);
+    trace: filled with their crafting draws' answers per iteration (convergence curve)."""
     torch.manual_seed(seed)
+    if spec.kind == "apgd-eot":
+        return apgd_eot(
+            model, images, labels, eps=spec.eps, steps=spec.steps, eot=spec.eot, norm=spec.norm,
+            restarts=spec.n_restarts, loss=spec.loss, momentum=spec.momentum,
+            initial_step=spec.alpha, select_draws=spec.select_draws,
+            eot_weighting=spec.eot_weighting, random_start=spec.random_start,
+            selection_seed=derive_seed(seed, "selection"), on_step=on_step, trace=trace,
+        )
     if spec.kind in STEPPED_KINDS:
         return eot_pgd(
             model, images, labels, eps=spec.eps, step_size=spec.alpha, steps=spec.steps,
             eot=spec.eot, norm=spec.norm, random_start=spec.random_start, on_step=on_step,
+            trace=trace,
         )
     norm = "Linf" if spec.norm == "linf" else "L2"
     n_classes = _n_classes(model, images[:1])

@@ -200,8 +200,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "evaluate") ->
     run = parser.add_argument_group("evaluation")
     run.add_argument("--attack", action="append", metavar="SPEC",
                      help='e.g. "pgd:eps=0.1,steps=200,eot=20" (repeatable; default: the '
-                          "protocol's pgd, autoattack-rand, bpda, transfer and square, set by the "
-                          "five options below)")
+                          "protocol's apgd-eot, pgd, autoattack-rand, bpda, transfer and "
+                          "square, set by the five options below)")
     run.add_argument("--norm", default="linf", choices=("linf", "l2"),
                      help="threat model of the default attacks")
     run.add_argument("--eps", type=positive_float, default=0.1,

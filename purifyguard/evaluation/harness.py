@@ -45,11 +45,13 @@ from purifyguard.evaluation.attacks import (
     parse_attack,
     run_attack,
 )
+from purifyguard.evaluation.convergence import save_convergence_plot
 from purifyguard.evaluation.grid import save_grid
 from purifyguard.evaluation.pgd import perturbation_norm
 from purifyguard.evaluation.report import build_report, write_report
 from purifyguard.evaluation.seeds import derive_seed
 from purifyguard.evaluation.store import CLEAN, BatchStore, batch_key
+from purifyguard.evaluation.trace import AttackTrace
 from purifyguard.evaluation.verdict import predictions
 from purifyguard.files import check_inside, write_atomic
 from purifyguard.validation import check_bool, check_int, check_optional_int
@@ -248,6 +250,9 @@ def _evaluate(
         for model_name, model in models.items():
             for spec in specs:
                 _grid(model, model_name, spec, images, labels, output_dir, seed, class_names)
+        for model_name in models:
+            save_convergence_plot(
+                report, model_name, Path(output_dir) / f"convergence-{model_name}.png")
         for model_name, checks in (sanity_results or {}).items():
             save_eps_sweep_plot(
                 checks, Path(output_dir) / f"eps-sweep-{model_name}.png",
@@ -318,9 +323,13 @@ def _run_batches(
             }
             if spec is not None:
                 attack_seed = derive_seed(seed, "attack", attack_name, batch)
+                trace = AttackTrace()
                 x_adv = run_attack(spec, attacker, x, y, attack_seed,
-                                   on_step=bar.update if per_step else None).clamp(0, 1)
+                                   on_step=bar.update if per_step else None,
+                                   trace=trace).clamp(0, 1)
                 record["perturbation"] = perturbation_norm(x, x_adv, spec.norm).tolist()
+                if trace.correct:
+                    record["curve"] = trace.to_record()
                 if batch == 0 and output_dir is not None:
                     _save_adversarial(output_dir, model_name, attack_name, x_adv)
                 x = x_adv

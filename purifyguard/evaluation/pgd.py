@@ -9,10 +9,13 @@ file serves both norms with the same arithmetic.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from purifyguard.evaluation.losses import Loss, cross_entropy
+from purifyguard.evaluation.trace import AttackTrace
 
 NORMS = ("linf", "l2")
 _TINY = 1e-12
@@ -22,9 +25,11 @@ def eot_pgd(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float, step_size: float,
     steps: int, eot: int = 1, norm: str = "linf", random_start: bool = True,
     chunk_size: int | None = None, on_step: Callable[[], object] | None = None,
+    trace: AttackTrace | None = None,
 ) -> torch.Tensor:
     """Adversarial images within `eps` of `images` (norm "linf" or "l2") that raise the loss.
-    chunk_size: see eot_gradient. on_step: called after every iteration (progress)."""
+    chunk_size: see eot_gradient. on_step: called after every iteration (progress).
+    trace: records which crafting draws classify each iterate correctly (convergence curve)."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     clean = images.detach()
@@ -32,35 +37,71 @@ def eot_pgd(
     if random_start:
         adversarial = project(clean, clean + random_delta(clean, eps, norm), eps, norm)
     for _ in range(steps):
-        gradient = eot_gradient(model, adversarial, labels, eot, chunk_size)
-        adversarial = project(clean, adversarial + step_size * ascent(gradient, norm), eps, norm)
+        draws = eot_draws(model, adversarial, labels, eot, chunk_size)
+        if trace is not None:
+            trace.record(draws.correct)
+        adversarial = project(clean, adversarial + step_size * ascent(draws.mean_gradient(), norm),
+                              eps, norm)
         if on_step is not None:
             on_step()
     return adversarial
+
+
+@dataclass
+class EotDraws:
+    """What `eot` forward + backward passes at one point give, one row per draw.
+
+    gradients: (eot, N, C, H, W) input gradients of the per-example loss; losses and correct:
+    (eot, N), the loss and whether the draw classifies the example correctly.
+    """
+
+    gradients: torch.Tensor
+    losses: torch.Tensor
+    correct: torch.Tensor
+
+    def mean_gradient(self) -> torch.Tensor:
+        """Plain EOT: the average over the draws."""
+        return self.gradients.mean(0)
+
+
+def eot_draws(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eot: int = 1,
+    chunk_size: int | None = None, loss: Loss = cross_entropy,
+) -> EotDraws:
+    """Per-draw input gradients, losses and right/wrong answers at `images`.
+
+    The eot copies of the batch are stacked into one batch of eot x N images (a randomised
+    model draws its noise independently for each copy, as eot separate passes would), which runs
+    as forward + backward on chunks of chunk_size images; each chunk's graph is freed before the
+    next, so memory is that of one chunk. None: chunks of N images, the memory of one pass.
+    loss: per-example loss of (logits, labels) (losses.py), cross-entropy by default.
+    """
+    copies = images.detach().repeat(eot, *([1] * (images.dim() - 1)))
+    copy_labels = labels.repeat(eot)
+    chunk = len(images) if chunk_size is None else chunk_size
+    gradient = torch.empty_like(copies)
+    losses = torch.empty(len(copies), device=images.device)
+    correct = torch.empty(len(copies), dtype=torch.bool, device=images.device)
+    with torch.enable_grad():
+        for start in range(0, len(copies), chunk):
+            rows = slice(start, start + chunk)
+            part = copies[rows].requires_grad_()
+            logits = model(part)
+            per_example = loss(logits, copy_labels[rows])
+            gradient[rows] = torch.autograd.grad(per_example.sum(), part)[0]
+            losses[rows] = per_example.detach().float()
+            correct[rows] = logits.detach().argmax(-1) == copy_labels[rows]
+    return EotDraws(gradient.view(eot, *images.shape), losses.view(eot, -1),
+                    correct.view(eot, -1))
 
 
 def eot_gradient(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eot: int = 1,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """The input gradient of the summed cross-entropy, averaged over `eot` forward passes.
-
-    The eot copies of the batch are stacked into one batch of eot x N images (a randomised
-    model draws its noise independently for each copy, as eot separate passes would), which runs
-    as forward + backward on chunks of chunk_size images; each chunk's graph is freed before the
-    next, so memory is that of one chunk. None: chunks of N images, the memory of one pass.
-    """
-    copies = images.detach().repeat(eot, *([1] * (images.dim() - 1)))
-    copy_labels = labels.repeat(eot)
-    chunk = len(images) if chunk_size is None else chunk_size
-    gradient = torch.empty_like(copies)
-    with torch.enable_grad():
-        for start in range(0, len(copies), chunk):
-            rows = slice(start, start + chunk)
-            part = copies[rows].requires_grad_()
-            loss = F.cross_entropy(model(part), copy_labels[rows], reduction="sum")
-            gradient[rows] = torch.autograd.grad(loss, part)[0]
-    return gradient.view(eot, *images.shape).mean(0)
+    """The input gradient of the summed cross-entropy, averaged over `eot` forward passes
+    (eot_draws, then the plain average)."""
+    return eot_draws(model, images, labels, eot, chunk_size).mean_gradient()
 
 
 def ascent(gradient: torch.Tensor, norm: str) -> torch.Tensor:

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from purifyguard.evaluation.attacks import AttackSpec
+from purifyguard.evaluation.convergence import convergence_curve
+from purifyguard.evaluation.sanity import CONVERGENCE_CHECK, convergence_check
 from purifyguard.evaluation.stats import wilson_interval
 from purifyguard.evaluation.store import batch_key
 from purifyguard.evaluation.verdict import accuracy_summary
@@ -27,6 +29,10 @@ RECORD_SCHEMA = {
         "name": str, "kind": str, "norm": str, "eps": _NUMBER, "steps": int,
         "step_size": _NUMBER, "eot": int, "random_start": bool, "gradient_mode": str,
         "checkpointing": bool, "n_queries": (int, type(None)), "reduced": bool,
+        "restarts": (int, type(None)), "loss": (str, type(None)),
+        "momentum": (*_NUMBER, type(None)), "select_draws": (int, type(None)),
+        "eot_weighting": (str, type(None)), "step_schedule": (dict, type(None)),
+        "gradient_evaluations": int, "selection_forward_passes": int,
     },
     "n": int, "seed": int, "runs": int,
     "clean_accuracy": _ACCURACY,
@@ -34,6 +40,7 @@ RECORD_SCHEMA = {
     "perturbation": {"norm": str, "max": _NUMBER, "mean": _NUMBER, "within_eps": bool},
     "seconds": _NUMBER,
     "sanity": str,
+    "convergence": (dict, type(None)),
 }
 CHECK_SCHEMA = {"check": str, "passed": bool, "message": str, "values": dict}
 REPORT_SCHEMA = {
@@ -65,11 +72,21 @@ def build_report(
         labels = torch.tensor([y for r in clean for y in r["labels"]])
         clean_correct = _predictions(clean) == labels
         failed = [c["check"] for c in (sanity or {}).get(model_name, []) if not c["passed"]]
-        verdict = "not run" if sanity is None else ("failed: " + ", ".join(failed) if failed else "passed")
         for spec in specs:
             attacked = _batches(records, model_name, spec, n_batches, version)
             robust = clean_correct & (_predictions(attacked) == labels)
             sizes = torch.tensor([s for r in attacked for s in r["perturbation"]])
+            convergence = convergence_curve(attacked, clean_correct.float().mean(0))
+            own_failed = list(failed)
+            if convergence is not None:
+                convergence["final"] = float(robust.float().mean())
+                convergence["check"] = convergence_check(convergence, len(labels))
+                if not convergence["check"]["passed"] and CONVERGENCE_CHECK not in own_failed:
+                    own_failed.append(CONVERGENCE_CHECK)
+            if own_failed:
+                verdict = "failed: " + ", ".join(own_failed)
+            else:
+                verdict = "not run" if sanity is None else "passed"
             rows.append({
                 "model": model_name,
                 "attack": spec.to_dict(),
@@ -82,6 +99,7 @@ def build_report(
                 },
                 "seconds": sum(r["seconds"] for r in attacked),
                 "sanity": verdict,
+                "convergence": convergence,
             })
     return {
         "schema_version": SCHEMA_VERSION,
@@ -153,9 +171,9 @@ def markdown_table(report: dict[str, Any]) -> str:
          "per verdict; robust = mean over runs [95% Wilson interval], worst = robust in every "
          "run."),
         "",
-        ("| model | attack | norm | eps | steps | EOT | gradient | clean | robust (mean) [95% CI] "
-         "| robust (worst) | reduced | sanity |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ("| model | attack | norm | eps | steps | EOT | gradient | grad. evals + selection "
+         "fwd / example | clean | robust (mean) [95% CI] | robust (worst) | reduced | sanity |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["records"]:
         a, clean, robust = r["attack"], r["clean_accuracy"], r["robust_accuracy"]
@@ -164,7 +182,9 @@ def markdown_table(report: dict[str, Any]) -> str:
         sanity = r["sanity"] if r["sanity"] in ("passed", "not run") else f"**{r['sanity'].upper()}**"
         lines.append(
             f"| {r['model']} | {a['name']} | {a['norm']} | {a['eps']:g} | {steps} | {a['eot']} "
-            f"| {a['gradient_mode']} | {100 * clean['mean']:.1f} | {100 * robust['mean']:.1f} "
+            f"| {a['gradient_mode']} "
+            f"| {a['gradient_evaluations']} + {a['selection_forward_passes']} "
+            f"| {100 * clean['mean']:.1f} | {100 * robust['mean']:.1f} "
             f"[{100 * low:.1f}, {100 * high:.1f}] | {100 * robust['worst_case']:.1f} "
             f"| {'yes' if a['reduced'] else 'no'} | {sanity} |"
         )

@@ -8,6 +8,12 @@ number; the report flags it and never drops it.
 3. full gradient <= BPDA: the exact gradient is at least as strong as its approximation.
 4. gradients exist: the input gradient of the loss is not zero for most examples (a zero
    gradient is the signature of gradient masking, e.g. a model that rounds its input).
+5. gradients are right: with the noise fixed, autograd's directional derivatives match finite
+   differences (gradient_check.py): catches rounding, non-differentiable steps and a detach of
+   part of the purifier, which check 4 misses when the gradient is wrong but not zero.
+6. convergence (convergence_check, also run on every record's curve by the report): within a
+   restart, robust accuracy on the crafting draws at the last iteration does not exceed its
+   lowest earlier value beyond noise.
 
 "Beyond noise" is stats.difference_tolerance: 1.96 standard errors of a difference of two
 accuracies on n examples, and at least one example.
@@ -35,6 +41,7 @@ from purifyguard.evaluation.arguments import (
     check_output_dir,
 )
 from purifyguard.evaluation.attacks import AttackSpec, parse_attack
+from purifyguard.evaluation.gradient_check import gradient_check
 from purifyguard.evaluation.pgd import eot_gradient
 from purifyguard.evaluation.seeds import derive_seed, seed_everything
 from purifyguard.evaluation.stats import difference_tolerance
@@ -44,6 +51,8 @@ from purifyguard.validation import check_bool, check_int, check_number
 NEAR_ZERO = 0.05  # robust accuracy allowed under an unbounded attack
 MAX_ZERO_GRADIENT_FRACTION = 0.5
 EPS_SWEEP_CHECK = "robust accuracy non-increasing in eps"
+CONVERGENCE_CHECK = "more steps never raise robust accuracy (convergence curve)"
+GRADIENT_CHECK_IMAGES = 8
 
 
 def run_sanity_checks(
@@ -114,7 +123,47 @@ def run_sanity_checks(
         checks.append(_full_below_bpda(robust[f"sanity-eps={base.eps:g}"], robust["sanity-bpda"],
                                        count))
     checks.append(_gradients_exist(model, images, labels, derive_seed(seed, "sanity-gradient")))
+    checks.append(gradient_check(model, images[:GRADIENT_CHECK_IMAGES].to(_device(model, images)),
+                                 seed=derive_seed(seed, "sanity-finite-differences")))
+    base_record = next(r for r in report["records"]
+                       if r["attack"]["name"] == f"sanity-eps={base.eps:g}")
+    if base_record["convergence"] is not None:
+        checks.append({"check": CONVERGENCE_CHECK, **{
+            k: v for k, v in base_record["convergence"]["check"].items() if k != "check"}})
     return checks
+
+
+def convergence_check(curve: dict[str, Any], n: int) -> dict[str, Any]:
+    """"More steps never raise it", read off a convergence curve (convergence.py): within each
+    restart, robust accuracy at its last iteration may not exceed the lowest value at an earlier
+    iteration of that restart by more than noise (stats.difference_tolerance on n examples).
+    A restart begins at a new random point, so restarts are judged apart."""
+    accuracy, starts = curve["robust_accuracy"], list(curve["restart_starts"]) or [0]
+    rises = []
+    for number, (start, end) in enumerate(zip(starts, [*starts[1:], len(accuracy)])):
+        if end - start < 2:
+            continue
+        lowest = min(accuracy[start:end - 1])
+        at = start + accuracy[start:end - 1].index(lowest)
+        tolerance = difference_tolerance(lowest, n)
+        if accuracy[end - 1] > lowest + tolerance:
+            rises.append(f"restart {number}: {accuracy[end - 1]:.3f} at its last iteration "
+                         f"{end}, {lowest:.3f} at iteration {at + 1} (tolerance {tolerance:.3f})")
+    if rises:
+        message = ("robust accuracy on the crafting draws rose with more steps (" +
+                   "; ".join(rises) + "): the step size is too large for the end of the attack, "
+                   "or its gradient does not lead anywhere; the last iterate is not the attack's "
+                   "best")
+    else:
+        message = (f"no rise beyond noise: {accuracy[-1]:.3f} at the last of {len(accuracy)} "
+                   f"iterations, lowest {min(accuracy):.3f}")
+    return _check(CONVERGENCE_CHECK, not rises, message,
+                  {"robust_accuracy_last": accuracy[-1], "robust_accuracy_lowest": min(accuracy),
+                   "n": n})
+
+
+def _device(model: nn.Module, images: torch.Tensor) -> torch.device:
+    return next((p.device for p in model.parameters()), images.device)
 
 
 def describe_attack(spec: AttackSpec) -> str:

@@ -28,7 +28,7 @@ def batch_key(model_name: str, spec: AttackSpec | None, batch: int, model_versio
     model = f"{model_name}@{model_version}" if model_version else model_name
     if spec is None:
         return f"{model}|{CLEAN}|{batch}"
-    settings = zlib.crc32(json.dumps(spec.to_dict(), sort_keys=True).encode())
+    settings = zlib.crc32(json.dumps(spec.identity(), sort_keys=True).encode())
     return f"{model}|{spec.label}#{settings:08x}|{batch}"
 
 

@@ -1,0 +1,197 @@
+"""APGD with EOT (after Croce and Hein 2020, "Reliable evaluation of adversarial robustness with
+an ensemble of diverse parameter-free attacks"), for randomised defences, at a fixed budget.
+
+Budget: `steps` gradient iterations per example in all, shared between the restarts; each
+iteration is `eot` forward + backward passes (one per crafting draw), so the attack spends
+steps x eot gradient evaluations per example, as PGD-EOT with the same steps and eot does. On
+top come `select_draws` forward passes for each of its 3 x restarts candidates (selection.py).
+
+Within a restart of n iterations (n gradients, n - 1 steps):
+- step size: starts at `initial_step` (2 eps, APGD's choice) per example; at checkpoints after
+  0.22 n steps, then at intervals shrinking by 0.03 n down to at least 0.06 n (and never closer
+  than MIN_INTERVAL steps), it is halved for an example whose loss rose in fewer than RHO = 75%
+  of the interval's steps, or whose step was not halved at the last checkpoint and whose best
+  loss has not improved since; an example whose step is halved goes back to its best point, on
+  a deterministic model. On a randomised one the best loss is the largest of noisy estimates
+  (the winner's curse: measured, jumping back there cost 4 points of accuracy on a noisy model),
+  so the point stays a candidate, judged on fresh draws at the end, and the run goes on.
+- momentum: x_{k+1} = P(x_k + a (z_{k+1} - x_k) + (1 - a)(x_k - x_{k-1})) with
+  z_{k+1} = P(x_k + step * ascent(gradient)), a = `momentum` (0.75, APGD's), a = 1 on the
+  first step.
+- loss: restarts alternate cross-entropy and the margin loss (DLR with >= 3 classes, CW
+  otherwise) for loss "ce+margin"; "ce" or "margin" use one throughout.
+- gradient: the draws' gradients combined by `eot_weighting` (em_weighting.py).
+- every restart but a first without random_start begins at a random point of the ball.
+- restarts: default one per ITERATIONS_PER_RESTART (100) iterations (AutoAttack's APGD-CE then
+  APGD-DLR at 200).
+Each restart keeps three candidates per example: the point of highest loss, the point most
+crafting draws got wrong and the last point. The answer is the candidate chosen on fresh draws
+(selection.py). Two forward passes of one image per batch learn the number of classes and
+whether the model is randomised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from purifyguard.evaluation.em_weighting import combine_draws
+from purifyguard.evaluation.losses import attack_loss
+from purifyguard.evaluation.pgd import ascent, eot_draws, project, random_delta
+from purifyguard.evaluation.selection import select_candidates
+from purifyguard.evaluation.trace import AttackTrace
+
+LOSS_PLANS = ("ce+margin", "ce", "margin")
+RHO = 0.75
+FIRST_CHECKPOINT, CHECKPOINT_SHRINK, MIN_CHECKPOINT = 0.22, 0.03, 0.06
+CANDIDATES_PER_RESTART = 3
+ITERATIONS_PER_RESTART = 100  # AutoAttack's APGD: 100 iterations per loss
+MIN_INTERVAL = 3
+
+
+def apgd_eot(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float, steps: int,
+    eot: int = 1, norm: str = "linf", restarts: int | None = None, loss: str = "ce+margin",
+    momentum: float = 0.75, initial_step: float | None = None, select_draws: int = 4,
+    eot_weighting: str = "mean", random_start: bool = True, selection_seed: int = 0,
+    chunk_size: int | None = None, on_step: Callable[[], object] | None = None,
+    trace: AttackTrace | None = None,
+) -> torch.Tensor:
+    """Adversarial images within `eps` of `images` (see the module docstring for the method).
+
+    on_step is called after each of the `steps` gradient iterations; trace records the crafting
+    draws' answers at every iteration and where each restart begins.
+    """
+    if loss not in LOSS_PLANS:
+        raise ValueError(f"loss must be one of {LOSS_PLANS}, got {loss!r}")
+    if restarts is None:
+        restarts = default_restarts(steps)
+    if not 1 <= restarts <= steps:
+        raise ValueError(f"restarts must lie in [1, steps={steps}], got {restarts}")
+    clean = images.detach()
+    n_classes, randomised = _probe(model, clean[:1])
+    candidates, crafting_wrong = [], []
+    for restart, iterations in enumerate(split_budget(steps, restarts)):
+        name = loss if loss != "ce+margin" else ("ce" if restart % 2 == 0 else "margin")
+        start = clean
+        if restart > 0 or random_start:
+            start = project(clean, clean + random_delta(clean, eps, norm), eps, norm)
+        if trace is not None:
+            trace.start_restart()
+        found = _restart(
+            model, clean, start, labels, attack_loss(name, n_classes), iterations=iterations,
+            eps=eps, eot=eot, norm=norm, momentum=momentum,
+            initial_step=2 * eps if initial_step is None else initial_step,
+            eot_weighting=eot_weighting, jump_to_best=not randomised, chunk_size=chunk_size,
+            on_step=on_step, trace=trace,
+        )
+        candidates += found[0]
+        crafting_wrong += found[1]
+    stacked = torch.stack(candidates)
+    if select_draws > 0:
+        return select_candidates(model, stacked, labels, select_draws, selection_seed)[0]
+    chosen = torch.stack(crafting_wrong).argmax(0)  # no fresh draws: the crafting draws decide
+    return stacked[chosen, torch.arange(len(labels), device=chosen.device)]
+
+
+def default_restarts(steps: int) -> int:
+    """One restart per ITERATIONS_PER_RESTART gradient iterations, at least one: APGD's schedule
+    needs room, and at CPU budgets (tens of iterations) splitting them costs more than a
+    second start finds (measured: docs/evaluation.md)."""
+    return max(1, steps // ITERATIONS_PER_RESTART)
+
+
+def split_budget(steps: int, restarts: int) -> list[int]:
+    """Gradient iterations of each restart: `steps` split as evenly as possible."""
+    return [steps // restarts + (1 if r < steps % restarts else 0) for r in range(restarts)]
+
+
+def checkpoints(n_steps: int) -> list[int]:
+    """The step counts (1-based) after which the step size is reviewed, for n_steps steps.
+
+    APGD's: w_j = ceil(p_j n_steps) with p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03,
+    0.06); here two reviews are at least MIN_INTERVAL steps apart, so that a short run (the
+    few-iteration budgets of a CPU) does not halve its step at every iteration on the strength
+    of one or two noisy loss comparisons.
+    """
+    fractions, previous, current = [], 0.0, FIRST_CHECKPOINT
+    while current <= 1 + 1e-9:
+        fractions.append(current)
+        previous, current = current, current + max(current - previous - CHECKPOINT_SHRINK,
+                                                   MIN_CHECKPOINT)
+    points, last = [], 0
+    for fraction in fractions:
+        point = math.ceil(fraction * n_steps - 1e-9)
+        if point - last >= MIN_INTERVAL and point <= n_steps:
+            points.append(point)
+            last = point
+    return points
+
+
+def _restart(
+    model: nn.Module, clean: torch.Tensor, start: torch.Tensor, labels: torch.Tensor, loss,
+    *, iterations: int, eps: float, eot: int, norm: str, momentum: float, initial_step: float,
+    eot_weighting: str, jump_to_best: bool, chunk_size: int | None, on_step,
+    trace: AttackTrace | None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One APGD run from `start`: ([highest-loss point, most-wrong point, last point], their
+    crafting draws' wrong counts)."""
+    per_example = (-1, *([1] * (clean.dim() - 1)))
+
+    def evaluate(point: torch.Tensor):
+        draws = eot_draws(model, point, labels, eot, chunk_size, loss)
+        if trace is not None:
+            trace.record(draws.correct)
+        if on_step is not None:
+            on_step()
+        return combine_draws(draws, eot_weighting), draws.losses.mean(0), (~draws.correct).sum(0)
+
+    x = start
+    gradient, current_loss, wrong = evaluate(x)
+    best_x, best_loss, best_gradient = x.clone(), current_loss.clone(), gradient.clone()
+    best_loss_wrong = wrong.clone()
+    worst_x, most_wrong = x.clone(), wrong.clone()
+    step = torch.full((len(x),), float(initial_step), device=x.device, dtype=x.dtype)
+    previous = x
+    increases = torch.zeros(len(x), device=x.device)
+    loss_at_check, halved_at_check = best_loss.clone(), torch.ones_like(increases, dtype=torch.bool)
+    review, since_check = set(checkpoints(iterations - 1)), 0
+    for k in range(1, iterations):
+        z = project(clean, x + step.view(per_example) * ascent(gradient, norm), eps, norm)
+        weight = 1.0 if k == 1 else momentum
+        x, previous = project(clean, x + weight * (z - x) + (1 - weight) * (x - previous),
+                              eps, norm), x
+        last_loss = current_loss
+        gradient, current_loss, wrong = evaluate(x)
+        increases += (current_loss > last_loss).float()
+        since_check += 1
+        better = current_loss > best_loss
+        best_x[better], best_gradient[better] = x[better], gradient[better]
+        best_loss[better], best_loss_wrong[better] = current_loss[better], wrong[better]
+        fooled_more = wrong >= most_wrong
+        worst_x[fooled_more], most_wrong[fooled_more] = x[fooled_more], wrong[fooled_more]
+        if k in review:
+            stalled = increases < RHO * since_check
+            no_progress = ~halved_at_check & (best_loss <= loss_at_check)
+            halve = stalled | no_progress
+            step[halve] /= 2
+            x, gradient = x.clone(), gradient.clone()
+            if jump_to_best:
+                x[halve], gradient[halve] = best_x[halve], best_gradient[halve]
+                current_loss = torch.where(halve, best_loss, current_loss)
+            previous = torch.where(halve.view(per_example), x, previous)
+            halved_at_check, loss_at_check = halve, best_loss.clone()
+            increases.zero_()
+            since_check = 0
+    return [best_x, worst_x, x], [best_loss_wrong, most_wrong, wrong]
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, image: torch.Tensor) -> tuple[int, bool]:
+    """The number of classes, and whether two passes over the same image disagree (a
+    randomised defence): two forward passes of one image per batch."""
+    first, second = model(image), model(image)
+    return int(first.shape[-1]), not torch.equal(first, second)
