@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         type=positive_int, default=20,
                         help="PGD steps of attacks 1 and 2 (--steps is the old name)")
     parser.add_argument("--adaptive-n", type=positive_int, default=16, help="images for attack 3")
-    parser.add_argument("--adaptive-batch-size", type=positive_int, default=4,
+    parser.add_argument("--adaptive-batch-size", type=positive_int, default=2,
                         help="images per batch of attack 3: its full-gradient graph through the "
                         "purifier takes about 0.35 GiB per image, so small batches keep the demo "
                         "within 2 GiB")

@@ -46,7 +46,7 @@ def test_benchmark_returns_the_reports_clean_and_lowest_robust_accuracy(undefend
     validate_report(report)
     records = report["records"]
     assert [r["attack"]["kind"] for r in records] == [
-        "pgd", "autoattack-rand", "bpda", "transfer", "square"
+        "apgd-eot", "pgd", "autoattack-rand", "bpda", "transfer", "square"
     ]
     assert all(r["attack"]["eps"] == 0.1 and r["attack"]["norm"] == "linf" for r in records)
     assert all(r["attack"]["reduced"] for r in records)

@@ -9,7 +9,7 @@
 `benchmark` returns what RobustBench's does, (clean accuracy, robust accuracy), and takes
 `device=` as it does. RobustBench's runs AutoAttack on a deterministic model. A purifier is
 randomised, so this one runs purifyguard's own protocol (docs/evaluation.md, "The
-protocol") instead: full-gradient PGD-EOT, AutoAttack rand, BPDA-EOT, transfer and
+protocol") instead: full-gradient APGD-EOT and PGD-EOT, AutoAttack rand, BPDA-EOT, transfer and
 Square, each adversarial example judged by R independent purifications. The robust accuracy
 returned is the lowest over the attacks; the report (return_report=True) holds every attack's
 figures, intervals and settings.
@@ -94,7 +94,7 @@ def benchmark(
     eps: float | None = None,
     data_dir: str | Path | None = None,
     batch_size: int = 64,
-    runs: int = 5,
+    runs: int = 10,
     seed: int = 0,
     steps: int = REFERENCE_STEPS,
     eot: int = REFERENCE_EOT,

@@ -1,7 +1,7 @@
 """Robustness evaluation: attacks, R-run verdicts, resumable batches, sanity checks, reports.
 
     from purifyguard import evaluate
-    report = evaluate(model, dataset, ["pgd:eps=0.1,steps=200,eot=20"], n=512, runs=5,
+    report = evaluate(model, dataset, ["pgd:eps=0.1,steps=200,eot=20"], n=512, runs=10,
                       output_dir="runs/eval")
 
 The names below load on first use (PEP 562), so that the command line (purifyguard.evaluation.cli)

@@ -216,7 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "evaluate") ->
     run.add_argument("--n", type=positive_int, default=512, help="test examples")
     run.add_argument("--batch-size", type=positive_int, default=64,
                      help="examples per batch, per process")
-    run.add_argument("--runs", type=positive_int, default=5, help="R purifications per verdict")
+    run.add_argument("--runs", type=positive_int, default=10, help="R purifications per verdict")
     run.add_argument("--seed", type=int, default=0,
                      help="seed of the attacks, purifications and example choice")
     run.add_argument("--output-dir", required=True, help="batches, report.json/.md, grids")
