@@ -1,0 +1,55 @@
+"""Copy what a training run needs to be resumed elsewhere into a small folder (for git or a copy).
+
+    python scripts/save_training_state.py runs/trades-v2 training-state/trades-v2
+
+Copies the newest intact checkpoint (safetensors and JSON only: the model, optimizer, schedule,
+EMA and random states, with the manifest written last), metrics.jsonl (the learning curve a
+resumed run keeps), the best validated network (best/, best.json) and the export (final/) when
+they exist. Left behind: older checkpoints, tracker logs and args.json, which name folders of
+the machine that ran it. To go on: copy the folder back to a run folder and repeat the run's
+command with --resume (and the same options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from purifyguard.train.run import last_checkpoint
+
+
+def save_training_state(run: Path, destination: Path) -> list[Path]:
+    """The copied paths, relative to destination."""
+    newest = last_checkpoint(run / "checkpoints")
+    if newest is None:
+        raise SystemExit(f"{run}: no intact checkpoint to copy")
+    if destination.exists():
+        shutil.rmtree(destination)
+    copied = []
+    for source in [newest, run / "metrics.jsonl", run / "best", run / "best.json",
+                   run / "final"]:
+        if not source.exists():
+            continue
+        target = destination / source.relative_to(run)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copy2(source, target)
+        copied.append(target.relative_to(destination))
+    return copied
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="the run's --output-dir")
+    parser.add_argument("destination", type=Path, help="folder to write (replaced)")
+    args = parser.parse_args()
+    for path in save_training_state(args.run, args.destination):
+        print(args.destination / path)
+
+
+if __name__ == "__main__":
+    main()
