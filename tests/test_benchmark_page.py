@@ -84,3 +84,22 @@ def test_from_json_rewrites_the_page(tmp_path: Path) -> None:
 def test_published_page_is_generated_from_its_json() -> None:
     published = (ROOT / "docs" / "benchmarks.md").read_text()
     assert published == benchmark_page(json.loads(PUBLISHED_JSON.read_text()))
+
+
+def test_a_named_primary_attack_is_judged_and_paired_tests_are_shown() -> None:
+    benchmark = synthetic_benchmark(ours_robust=0.62, ours_clean=0.90)
+    for item in benchmark["report"]["records"]:
+        if item["attack"]["name"] == "pgd-eot":
+            item["attack"]["name"] = "apgd-eot"
+    benchmark["primary"] = "apgd-eot"
+    benchmark["paired"] = [{
+        "first": "ours", "second": "diffpure", "attack": "apgd-eot", "n": 100,
+        "mean": {"difference": 0.07, "ci95": [0.02, 0.12], "p_value": 0.004, "samples": 10000},
+        "worst_case": {"only_first": 11, "only_second": 3, "p_value": 0.0574},
+    }]
+    page = benchmark_page(benchmark)
+    assert "ours beats every other defence under apgd-eot: met" in page
+    assert "| apgd-eot worst % |" in page
+    assert "| ours vs diffpure | +7.0 [+2.0, +12.0] | 0.004 | 11 / 3 | 0.0574 |" in page
+    assert ("ours >= DiffPure-style + 5 points, significant in the paired test: met (+7.0 points, "
+            "paired bootstrap p = 0.004)") in page
