@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import shlex
 import sys
 import time
@@ -42,6 +41,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 from benchmark_page import attacks_section, results_section, sanity_section
+from fashion_mnist import hardware, images_per_second
 
 from purifyguard import PurifiedModel, Purifier
 from purifyguard.cifar10 import RECIPES, load_cifar10_purifier
@@ -247,23 +247,6 @@ def test_images(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, s
     images = torch.stack([image for image, _ in pairs])
     labels = torch.tensor([int(label) for _, label in pairs])
     return images, labels, cifar10_label(args.data_root, train=False)
-
-
-@torch.no_grad()
-def images_per_second(model: nn.Module, images: torch.Tensor, repeats: int) -> float:
-    """Throughput of one defended forward pass (purify and classify), after a warm-up call."""
-    model(images[:2])
-    start = time.perf_counter()
-    for _ in range(repeats):
-        model(images)
-    return repeats * len(images) / (time.perf_counter() - start)
-
-
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}"
-    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-            f"torch threads, torch {torch.__version__}")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -85,3 +85,15 @@ def check_inside(path: Path, folder: Path, what: str = "file") -> Path:
 def _json_kind(kind: type) -> str:
     return {dict: "object (a mapping)", list: "array", str: "string", int: "integer",
             float: "number", bool: "boolean", type(None): "null"}.get(kind, kind.__name__)
+
+
+def write_figure(figure: Any, path: str | Path) -> Path:
+    """A matplotlib Figure as a PNG at `path`, written atomically; the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    picture = io.BytesIO()
+    figure.savefig(picture, dpi=100, format="png")
+    plt.close(figure)
+    return write_atomic(Path(path), picture.getvalue())

@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import choose_settings  # noqa: E402
+import choose_settings
+from test_train import fashion_mnist_available  # noqa: F401 (a fixture)
 
 
 def test_the_sweep_varies_one_factor_at_a_time_after_the_saved_settings():
@@ -34,13 +35,8 @@ def test_a_value_of_the_wrong_type_names_its_option():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("fashion_mnist_available")
 def test_a_quick_run_writes_the_table_and_a_picture_per_factor(tmp_path):
-    from purifyguard.data import fashion_mnist
-
-    try:
-        fashion_mnist(download=False)
-    except FileNotFoundError as error:
-        pytest.skip(f"Fashion-MNIST is not installed here: {error}")
     choose_settings.main(["--quick", "--t-star", "100", "--output-dir", str(tmp_path),
                           "--threads", "1"])
     result = json.loads((tmp_path / "settings.json").read_text())

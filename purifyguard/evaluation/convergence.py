@@ -14,13 +14,12 @@ curve ("more steps never raise it").
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from purifyguard.files import write_atomic
+from purifyguard.files import write_figure
 
 
 def convergence_curve(batches: list[dict], clean_share: torch.Tensor) -> dict[str, Any] | None:
@@ -89,9 +88,4 @@ def save_convergence_plot(report: dict[str, Any], model_name: str, path: str | P
     figure = convergence_figure(report, model_name)
     if figure is None:
         return None
-    import matplotlib.pyplot as plt
-
-    picture = io.BytesIO()
-    figure.savefig(picture, dpi=100, format="png")
-    plt.close(figure)
-    return write_atomic(Path(path), picture.getvalue())
+    return write_figure(figure, path)

@@ -24,7 +24,6 @@ evaluate(..., sanity=True, output_dir=...) writes it as eps-sweep-<model>.png be
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from purifyguard.evaluation.gradient_check import gradient_check
 from purifyguard.evaluation.pgd import eot_gradient
 from purifyguard.evaluation.seeds import derive_seed, seed_everything
 from purifyguard.evaluation.stats import difference_tolerance
-from purifyguard.files import write_atomic
+from purifyguard.files import write_figure
 from purifyguard.validation import check_bool, check_int, check_number
 
 NEAR_ZERO = 0.05  # robust accuracy allowed under an unbounded attack
@@ -183,12 +182,7 @@ def save_eps_sweep_plot(
     figure = eps_sweep_figure(checks, title=title)
     if figure is None:
         return None
-    import matplotlib.pyplot as plt
-
-    picture = io.BytesIO()
-    figure.savefig(picture, dpi=100, format="png")
-    plt.close(figure)
-    return write_atomic(Path(path), picture.getvalue())
+    return write_figure(figure, path)
 
 
 def eps_sweep_figure(checks: Sequence[dict[str, Any]], *, title: str | None = None):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from purifyguard.files import read_json, write_json
+from purifyguard.files import read_json, write_figure, write_json
 
 if TYPE_CHECKING:
     from purifyguard.train.run import TrainingRun
@@ -177,10 +177,7 @@ def plot_curve(history: list[ValidationResult], path: str | Path, title: str) ->
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=100, format="png")
-    plt.close(figure)
-    return path
+    return write_figure(figure, path)
 
 
 class Validator:
