@@ -80,6 +80,16 @@ def test_tensor_pairs_and_bundled_style_test_sets_keep_their_first_n(image_folde
     assert first.tolist() == [0, 0, 0, 1]
 
 
+def test_a_torch_tensor_dataset_is_read_as_pairs():
+    """TensorDataset's `tensors` is a tuple, not our data sets' tensors(n) method."""
+    images = torch.rand(6, 1, 4, 4)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    chosen, chosen_labels = select_examples(torch.utils.data.TensorDataset(images, labels), 3,
+                                            seed=0)
+    assert chosen.shape == (3, 1, 4, 4)
+    assert sorted(chosen_labels.tolist()) == [0, 1, 2]  # stratified
+
+
 def test_evaluate_runs_on_the_stratified_examples_of_an_image_folder(image_folder):
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4)).eval()
     report = evaluate(model, image_folder, ["pgd:eps=0.1,steps=1,eot=1"], n=8, batch_size=8,

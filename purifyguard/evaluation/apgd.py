@@ -20,7 +20,8 @@ Within a restart of n iterations (n gradients, n - 1 steps):
   first step.
 - loss: restarts alternate cross-entropy and the margin loss (DLR with >= 3 classes, CW
   otherwise) for loss "ce+margin"; "ce" or "margin" use one throughout.
-- gradient: the draws' gradients combined by `eot_weighting` (em_weighting.py).
+- gradient: the draws' gradients combined by `eot_weighting` (em_weighting.py); with `graft`,
+  combined at the purified images and grafted onto one draw's backward pass (grafting.py).
 - every restart but a first without random_start begins at a random point of the ball.
 - restarts: default one per ITERATIONS_PER_RESTART (100) iterations (AutoAttack's APGD-CE then
   APGD-DLR at 200).
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from purifyguard.evaluation.em_weighting import combine_draws
+from purifyguard.evaluation.grafting import check_graftable, grafted_draws
 from purifyguard.evaluation.losses import attack_loss
 from purifyguard.evaluation.pgd import ascent, eot_draws, project, random_delta
 from purifyguard.evaluation.selection import select_candidates
@@ -56,9 +58,9 @@ def apgd_eot(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float, steps: int,
     eot: int = 1, norm: str = "linf", restarts: int | None = None, loss: str = "ce+margin",
     momentum: float = 0.75, initial_step: float | None = None, select_draws: int = 4,
-    eot_weighting: str = "mean", random_start: bool = True, selection_seed: int = 0,
-    chunk_size: int | None = None, on_step: Callable[[], object] | None = None,
-    trace: AttackTrace | None = None,
+    eot_weighting: str = "mean", graft: bool = False, random_start: bool = True,
+    selection_seed: int = 0, chunk_size: int | None = None,
+    on_step: Callable[[], object] | None = None, trace: AttackTrace | None = None,
 ) -> torch.Tensor:
     """Adversarial images within `eps` of `images` (see the module docstring for the method).
 
@@ -71,6 +73,8 @@ def apgd_eot(
         restarts = default_restarts(steps)
     if not 1 <= restarts <= steps:
         raise ValueError(f"restarts must lie in [1, steps={steps}], got {restarts}")
+    if graft:
+        check_graftable(model)
     clean = images.detach()
     n_classes, randomised = _probe(model, clean[:1])
     candidates, crafting_wrong = [], []
@@ -85,8 +89,8 @@ def apgd_eot(
             model, clean, start, labels, attack_loss(name, n_classes), iterations=iterations,
             eps=eps, eot=eot, norm=norm, momentum=momentum,
             initial_step=2 * eps if initial_step is None else initial_step,
-            eot_weighting=eot_weighting, jump_to_best=not randomised, chunk_size=chunk_size,
-            on_step=on_step, trace=trace,
+            eot_weighting=eot_weighting, graft=graft, jump_to_best=not randomised,
+            chunk_size=chunk_size, on_step=on_step, trace=trace,
         )
         candidates += found[0]
         crafting_wrong += found[1]
@@ -134,7 +138,7 @@ def checkpoints(n_steps: int) -> list[int]:
 def _restart(
     model: nn.Module, clean: torch.Tensor, start: torch.Tensor, labels: torch.Tensor, loss,
     *, iterations: int, eps: float, eot: int, norm: str, momentum: float, initial_step: float,
-    eot_weighting: str, jump_to_best: bool, chunk_size: int | None, on_step,
+    eot_weighting: str, graft: bool, jump_to_best: bool, chunk_size: int | None, on_step,
     trace: AttackTrace | None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """One APGD run from `start`: ([highest-loss point, most-wrong point, last point], their
@@ -142,12 +146,17 @@ def _restart(
     per_example = (-1, *([1] * (clean.dim() - 1)))
 
     def evaluate(point: torch.Tensor):
-        draws = eot_draws(model, point, labels, eot, chunk_size, loss)
+        if graft:
+            gradient, draws = grafted_draws(model, point, labels, eot, chunk_size, loss,
+                                            eot_weighting)
+        else:
+            draws = eot_draws(model, point, labels, eot, chunk_size, loss)
+            gradient = combine_draws(draws, eot_weighting)
         if trace is not None:
             trace.record(draws.correct)
         if on_step is not None:
             on_step()
-        return combine_draws(draws, eot_weighting), draws.losses.mean(0), (~draws.correct).sum(0)
+        return gradient, draws.losses.mean(0), (~draws.correct).sum(0)
 
     x = start
     gradient, current_loss, wrong = evaluate(x)

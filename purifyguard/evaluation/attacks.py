@@ -66,7 +66,9 @@ class AttackSpec:
     apgd-eot only (apgd.py): restarts (they share the steps; None: one per 100), loss ("ce+margin" alternates
     cross-entropy and the margin loss across restarts, or "ce" / "margin" throughout), momentum
     (APGD's 0.75), select_draws (fresh forward passes per candidate for the final choice; 0
-    lets the crafting draws decide), eot_weighting ("mean": plain EOT, "em": DiffHammer-style).
+    lets the crafting draws decide), eot_weighting ("mean": plain EOT, "em": DiffHammer-style),
+    graft (one backward pass per iteration: the draws' gradients at the purified images grafted
+    onto one draw's purification, grafting.py; needs a PurifiedModel).
     """
 
     kind: str = "pgd"
@@ -87,6 +89,7 @@ class AttackSpec:
     momentum: float = 0.75
     select_draws: int = 4
     eot_weighting: str = "mean"
+    graft: bool = False
 
     def __post_init__(self) -> None:
         """Check every field (ValueError naming it); numbers are stored as plain floats/ints."""
@@ -120,6 +123,9 @@ class AttackSpec:
                 raise ValueError(f"momentum must lie in (0, 1], got {self.momentum!r}")
             self.select_draws = check_int("select_draws", self.select_draws, 0)
             check_choice("eot_weighting", self.eot_weighting, EOT_WEIGHTINGS)
+            check_bool("graft", self.graft)
+            if self.graft and self.kind != "apgd-eot":
+                raise ValueError(f"graft=True is an option of apgd-eot, not of {self.kind!r}")
         except ValueError as error:
             raise ValueError(where + str(error)) from None
         if self.name is None:
@@ -177,7 +183,18 @@ class AttackSpec:
             return self.steps
         if self.kind == "autoattack-rand":
             return 2 * (self.steps + 1) * self.eot  # APGD-CE then APGD-DLR, start point included
-        return self.steps * self.eot
+        return self.steps * self.gradient_evaluations_per_iteration
+
+    @property
+    def gradient_evaluations_per_iteration(self) -> int:
+        """eot, or 1 with graft (one backward pass carries all the draws' gradients)."""
+        return 1 if self.graft else self.eot
+
+    @property
+    def crafting_forward_passes(self) -> int:
+        """Forward passes per example without a graph while crafting (graft: eot - 1 per
+        iteration; each also costs a backward pass through the classifier alone)."""
+        return self.steps * (self.eot - 1) if self.graft else 0
 
     @property
     def selection_forward_passes(self) -> int:
@@ -201,6 +218,7 @@ class AttackSpec:
             "reduced": self.reduced,
             **self._apgd_settings(),
             "gradient_evaluations": self.gradient_evaluations,
+            "crafting_forward_passes": self.crafting_forward_passes,
             "selection_forward_passes": self.selection_forward_passes,
         }
 
@@ -211,6 +229,7 @@ class AttackSpec:
         return {
             "restarts": self.n_restarts, "loss": self.loss, "momentum": self.momentum,
             "select_draws": self.select_draws, "eot_weighting": self.eot_weighting,
+            "graft": self.graft,
             "step_schedule": {
                 "initial_step": self.alpha, "first_checkpoint": FIRST_CHECKPOINT,
                 "checkpoint_shrink": CHECKPOINT_SHRINK, "min_checkpoint": MIN_CHECKPOINT,
@@ -221,17 +240,18 @@ class AttackSpec:
     def identity(self) -> dict[str, Any]:
         """The settings that make two attacks the same (batch keys): to_dict without the budget,
         which follows from them, and without the apgd-eot settings of other kinds (so batches
-        stored before those settings existed keep their keys)."""
+        stored before those settings existed keep their keys; graft only when it is on)."""
         settings = self.to_dict()
-        for key in ("gradient_evaluations", "selection_forward_passes"):
+        for key in ("gradient_evaluations", "crafting_forward_passes", "selection_forward_passes"):
             del settings[key]
         for key in APGD_KEYS:
-            if settings[key] is None:
+            if settings[key] is None or (key == "graft" and not settings[key]):
                 del settings[key]
         return settings
 
 
-APGD_KEYS = ("restarts", "loss", "momentum", "select_draws", "eot_weighting", "step_schedule")
+APGD_KEYS = ("restarts", "loss", "momentum", "select_draws", "eot_weighting", "graft",
+             "step_schedule")
 
 
 def parse_attack(text: str) -> AttackSpec:
@@ -352,7 +372,7 @@ def run_attack(
             model, images, labels, eps=spec.eps, steps=spec.steps, eot=spec.eot, norm=spec.norm,
             restarts=spec.n_restarts, loss=spec.loss, momentum=spec.momentum,
             initial_step=spec.alpha, select_draws=spec.select_draws,
-            eot_weighting=spec.eot_weighting, random_start=spec.random_start,
+            eot_weighting=spec.eot_weighting, graft=spec.graft, random_start=spec.random_start,
             selection_seed=derive_seed(seed, "selection"), on_step=on_step, trace=trace,
         )
     if spec.kind in STEPPED_KINDS:

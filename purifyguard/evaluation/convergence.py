@@ -22,7 +22,8 @@ import torch
 from purifyguard.files import write_figure
 
 
-def convergence_curve(batches: list[dict], clean_share: torch.Tensor) -> dict[str, Any] | None:
+def convergence_curve(batches: list[dict], clean_share: torch.Tensor,
+                      evaluations_per_iteration: int | None = None) -> dict[str, Any] | None:
     """The curve from one attack's batch records, or None when a batch has none (attacks run
     inside torchattacks, or batches stored before curves existed). clean_share: (n,) share of
     the R runs that get each clean image right."""
@@ -39,7 +40,8 @@ def convergence_curve(batches: list[dict], clean_share: torch.Tensor) -> dict[st
     return {
         "draws": eot,
         "iterations": list(range(1, len(accuracy) + 1)),
-        "gradient_evaluations": [eot * k for k in range(1, len(accuracy) + 1)],
+        "gradient_evaluations": [(evaluations_per_iteration or eot) * k
+                                 for k in range(1, len(accuracy) + 1)],
         "robust_accuracy": [round(float(a), 6) for a in accuracy],
         "restart_starts": curves[0]["restart_starts"],
     }

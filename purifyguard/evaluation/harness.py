@@ -360,7 +360,7 @@ def select_examples(data: Data, n: int, seed: int = 0) -> tuple[torch.Tensor, to
     if isinstance(data, (tuple, list)):
         images, labels = data
         images, labels = images[:n], torch.as_tensor(labels[:n])
-    elif hasattr(data, "tensors"):
+    elif callable(getattr(data, "tensors", None)):  # purifyguard's data sets (not TensorDataset's)
         images, labels = data.tensors(min(n, len(data)))
     else:
         rows = range(len(data)) if n >= len(data) else stratified_indices(data, n, seed)

@@ -31,8 +31,10 @@ RECORD_SCHEMA = {
         "checkpointing": bool, "n_queries": (int, type(None)), "reduced": bool,
         "restarts": (int, type(None)), "loss": (str, type(None)),
         "momentum": (*_NUMBER, type(None)), "select_draws": (int, type(None)),
-        "eot_weighting": (str, type(None)), "step_schedule": (dict, type(None)),
-        "gradient_evaluations": int, "selection_forward_passes": int,
+        "eot_weighting": (str, type(None)), "graft": (bool, type(None)),
+        "step_schedule": (dict, type(None)),
+        "gradient_evaluations": int, "crafting_forward_passes": int,
+        "selection_forward_passes": int,
     },
     "n": int, "seed": int, "runs": int,
     "clean_accuracy": _ACCURACY,
@@ -42,6 +44,8 @@ RECORD_SCHEMA = {
     "sanity": str,
     "convergence": (dict, type(None)),
 }
+# Keys added after reports were first published: a report written before them still validates.
+LATER_KEYS = frozenset({"graft", "crafting_forward_passes"})
 CHECK_SCHEMA = {"check": str, "passed": bool, "message": str, "values": dict}
 REPORT_SCHEMA = {
     "schema_version": int,
@@ -76,7 +80,8 @@ def build_report(
             attacked = _batches(records, model_name, spec, n_batches, version)
             robust = clean_correct & (_predictions(attacked) == labels)
             sizes = torch.tensor([s for r in attacked for s in r["perturbation"]])
-            convergence = convergence_curve(attacked, clean_correct.float().mean(0))
+            convergence = convergence_curve(attacked, clean_correct.float().mean(0),
+                                            spec.gradient_evaluations_per_iteration)
             own_failed = list(failed)
             if convergence is not None:
                 convergence["final"] = float(robust.float().mean())
@@ -147,7 +152,8 @@ def _check(value: Any, schema: Any, where: str) -> list[str]:
     if isinstance(schema, dict):
         if not isinstance(value, dict):
             return [f"{where}: expected an object, got {type(value).__name__}"]
-        problems = [f"{where}: missing {k!r}" for k in schema if k not in value]
+        problems = [f"{where}: missing {k!r}" for k in schema
+                    if k not in value and k not in LATER_KEYS]
         problems += [f"{where}: unexpected {k!r}" for k in value if k not in schema]
         for key in schema.keys() & value.keys():
             problems += _check(value[key], schema[key], f"{where}.{key}")
@@ -183,7 +189,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['model']} | {a['name']} | {a['norm']} | {a['eps']:g} | {steps} | {a['eot']} "
             f"| {a['gradient_mode']} "
-            f"| {a['gradient_evaluations']} + {a['selection_forward_passes']} "
+            f"| {a['gradient_evaluations']} + "
+            f"{a['selection_forward_passes'] + a.get('crafting_forward_passes', 0)} "
             f"| {100 * clean['mean']:.1f} | {100 * robust['mean']:.1f} "
             f"[{100 * low:.1f}, {100 * high:.1f}] | {100 * robust['worst_case']:.1f} "
             f"| {'yes' if a['reduced'] else 'no'} | {sanity} |"
