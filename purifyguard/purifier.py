@@ -131,7 +131,10 @@ class Purifier(PurifierHubMixin, nn.Module):
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
         if not builds_graph:
-            with torch.no_grad():
+            # A caller's torch.inference_mode() would forbid the autograd that each guided step
+            # takes its guidance gradient with: leave it for this call, on an ordinary copy.
+            with torch.inference_mode(False), torch.no_grad():
+                x = x.clone() if x.is_inference() else x
                 return self._reverse_process(x, config, generator, chunk_size).to(dtype)
         if config.gradient_mode == "full":
             return self._reverse_process(x, config, generator, graph=True).to(dtype)
