@@ -3,6 +3,8 @@
     python benchmarks/speed.py                          # against 63b7a48, the same purifier folder
     python benchmarks/speed.py --baseline HEAD~3 --repeats 5 --threads 2
     python benchmarks/speed.py --mode own-default       # each tree's own registered default
+    python benchmarks/speed.py --mode own-default --candidate <purifier folder>
+                                                        # the next default, before it is bundled
     python benchmarks/speed.py --quick                  # a smoke run (small batch, one repeat)
 
 The baseline revision is exported with `git archive` into a temporary folder. Every measurement
@@ -10,7 +12,9 @@ runs in a fresh subprocess that imports purifyguard from one tree or the other; 
 alternate (old, new, old, new, ...) at the same thread count, so drift of a shared machine hits
 both alike. With --mode same-weights (default) both trees load the *same* purifier folder (this
 tree's bundled fashion-mnist-agdm), so code changes are not confounded with new weights; with
---mode own-default each tree loads its own registered default purifier by name.
+--mode own-default each tree loads its own registered default purifier by name, or, for this
+tree, the --candidate purifier folder (a default in the making: its speed depends on the
+denoiser's architecture and the settings, not on how long it was trained).
 
 Figures (medians over --repeats):
 - forward: images/s of a defended forward pass (bundled classifier behind the purifier, no
@@ -176,11 +180,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per tree")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--candidate", type=Path,
+                        help="--mode own-default: the purifier folder this tree loads instead of "
+                        "its registered default")
     parser.add_argument("--quick", action="store_true", help="batch 4, one repeat")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.attack_batch, args.repeats = 4, 2, 1
+    if args.candidate is not None:
+        if args.mode != "own-default":
+            parser.error("--candidate needs --mode own-default")
+        if not (args.candidate / "purifier_config.json").is_file():
+            parser.error(f"--candidate {args.candidate}: expected a purifier folder with "
+                         "purifier_config.json")
 
     with tempfile.TemporaryDirectory() as scratch:
         old_tree = export(args.baseline, Path(scratch) / "baseline")
@@ -191,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             models = {name: ("fashion-mnist-agdm", tree / "purifyguard" / "assets" / "classifiers"
                              / "fashion-mnist-resnet18") for name, tree in trees.items()}
+            if args.candidate is not None:
+                models["new"] = (str(args.candidate.resolve()), models["new"][1])
         runs: dict[tuple[str, str], list[dict]] = {}
         for repeat in range(args.repeats):
             for task in args.tasks:
@@ -205,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     figures = summarise(runs)
     print(table(figures, args))
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "figures": figures},
+        settings = {key: str(value) if isinstance(value, Path) else value
+                    for key, value in vars(args).items()}
+        Path(args.json).write_text(json.dumps({"settings": settings, "figures": figures},
                                               indent=2) + "\n")
 
 
@@ -224,7 +241,8 @@ def summarise(runs: dict[tuple[str, str], list[dict]]) -> dict[str, dict]:
 
 
 def table(figures: dict[str, dict], args: argparse.Namespace) -> str:
-    heading = (f"baseline {args.baseline}, mode {args.mode}, batch {args.batch} (forward) / "
+    candidate = f" (this tree: candidate {args.candidate.name})" if args.candidate else ""
+    heading = (f"baseline {args.baseline}, mode {args.mode}{candidate}, batch {args.batch} (forward) / "
                f"{args.attack_batch} (attack), {args.threads} thread(s), {args.repeats} "
                f"alternating repeat(s), {args.device}")
     lines = [heading, "", "| figure | old | new | new / old |", "|---|---|---|---|"]
