@@ -7,7 +7,8 @@ EMA and random states, with the manifest written last), metrics.jsonl (the learn
 resumed run keeps), the best validated network (best/, best.json) and the export (final/) when
 they exist. Left behind: older checkpoints, tracker logs and args.json, which name folders of
 the machine that ran it. To go on: copy the folder back to a run folder and repeat the run's
-command with --resume (and the same options).
+command with --resume (and the same options). A finished run (--finished) keeps no checkpoint:
+only its curve, best network and export.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from pathlib import Path
 from purifyguard.train.run import last_checkpoint
 
 
-def save_training_state(run: Path, destination: Path) -> list[Path]:
+def save_training_state(run: Path, destination: Path, finished: bool = False) -> list[Path]:
     """The copied paths, relative to destination."""
-    newest = last_checkpoint(run / "checkpoints")
-    if newest is None:
+    newest = None if finished else last_checkpoint(run / "checkpoints")
+    if finished and not (run / "final").is_dir():
+        raise SystemExit(f"{run}: --finished, but the run has no final/ export")
+    if newest is None and not finished:
         raise SystemExit(f"{run}: no intact checkpoint to copy")
     if destination.exists():
         shutil.rmtree(destination)
     copied = []
-    for source in [newest, run / "metrics.jsonl", run / "best", run / "best.json",
+    for source in [*([newest] if newest else []), run / "metrics.jsonl", run / "best", run / "best.json",
                    run / "final"]:
         if not source.exists():
             continue
@@ -46,8 +49,10 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="the run's --output-dir")
     parser.add_argument("destination", type=Path, help="folder to write (replaced)")
+    parser.add_argument("--finished", action="store_true",
+                        help="the run is over: copy no checkpoint, only the curve, best/ and final/")
     args = parser.parse_args()
-    for path in save_training_state(args.run, args.destination):
+    for path in save_training_state(args.run, args.destination, args.finished):
         print(args.destination / path)
 
 
