@@ -2,7 +2,7 @@
 
     python scripts/bundle_fashion_mnist.py --diffusion runs/fmnist-diffusion/final \
         --classifier runs/fmnist-classifier/final --trades runs/fmnist-trades/final \
-        [--adapted runs/fmnist-adapt/final]
+        [--adapted runs/fmnist-adapt/final] [--assets <staging folder>]
 
 Each purifier is saved in the Hub layout with its settings and the clean and transfer accuracy
 measured here on the 512 bundled test images (the adaptive figures come from the evaluation
@@ -12,7 +12,8 @@ Nothing bundled names a folder of this machine: the training records in the mode
 purifier_config.json keep their commands with placeholders for the paths
 (`--data-root '<fashion-mnist folder>' --output-dir '<run folder>'`, purifyguard.provenance),
 and unet/config.json loses the `_name_or_path` that diffusers writes from the folder a UNet was
-loaded from. tests/test_shipped_files.py checks the result.
+loaded from. tests/test_shipped_files.py checks the result. --assets writes the same layout
+elsewhere (classifiers/, purifiers/): a staging folder to evaluate before bundling.
 """
 
 from __future__ import annotations
@@ -51,12 +52,14 @@ def main() -> None:
     parser.add_argument("--adapted", help="adapt routine's final/ folder: the AGDM purifier "
                         "adapted to --classifier (bundled as fashion-mnist-agdm-adapted)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--assets", type=Path, default=ASSETS,
+                        help="where classifiers/ and purifiers/ go (default: the package's assets)")
     args = parser.parse_args()
     images, labels, _ = bundled_test_images()
 
     for name, folder in (("fashion-mnist-resnet18", args.classifier),
                          ("fashion-mnist-resnet18-trades", args.trades)):
-        target = ASSETS / "classifiers" / name
+        target = args.assets / "classifiers" / name
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(folder, target, ignore=shutil.ignore_patterns("metrics.json"))
         if not (target / "README.md").exists():  # runs older than the routine's own card
@@ -85,7 +88,7 @@ def main() -> None:
         torch.manual_seed(args.seed)
         metrics = measure(PurifiedModel(classifier, purifier), images, labels, adversarial)
         metrics["classifier"] = "bundled fashion-mnist-resnet18"
-        target = ASSETS / "purifiers" / name
+        target = args.assets / "purifiers" / name
         shutil.rmtree(target, ignore_errors=True)
         purifier.save_pretrained(target, metrics=metrics)
         drop_name_or_path(target)
@@ -101,7 +104,7 @@ def main() -> None:
         torch.manual_seed(args.seed)
         metrics = measure(PurifiedModel(classifier, adapted), images, labels, adversarial)
         metrics["classifier"] = "bundled fashion-mnist-resnet18"
-        target = ASSETS / "purifiers" / "fashion-mnist-agdm-adapted"
+        target = args.assets / "purifiers" / "fashion-mnist-agdm-adapted"
         shutil.rmtree(target, ignore_errors=True)
         adapted.save_pretrained(target, metrics=metrics)
         drop_name_or_path(target)
