@@ -68,5 +68,14 @@ def portable_record(record: dict[str, Any]) -> dict[str, Any]:
     return portable
 
 
+def portable_arguments(options: dict[str, Any]) -> dict[str, Any]:
+    """A run's parsed options (its args.json: option names with underscores) with every absolute
+    path replaced by the placeholder its command-line option gets (portable_command)."""
+    data = str(options.get("data") or "data")
+    return {key: _placeholder("--" + key.replace("_", "-"), data)
+            if isinstance(value, str) and is_absolute_path(value) else value
+            for key, value in options.items()}
+
+
 def _placeholder(option: str, data: str) -> str:
     return PATH_PLACEHOLDERS.get(option, OTHER_PATH).format(data=data)

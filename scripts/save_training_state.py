@@ -4,9 +4,10 @@
 
 Copies the newest intact checkpoint (safetensors and JSON only: the model, optimizer, schedule,
 EMA and random states, with the manifest written last), metrics.jsonl (the learning curve a
-resumed run keeps), the best validated network (best/, best.json) and the export (final/) when
-they exist. Left behind: older checkpoints, tracker logs and args.json, which name folders of
-the machine that ran it. To go on: copy the folder back to a run folder and repeat the run's
+resumed run keeps), the best validated network (best/, best.json), the export (final/) when
+they exist, and args.json (the run's options, which scripts/bundle_fashion_mnist.py reads)
+with the folders of the machine that ran it replaced by placeholders. Left behind: older
+checkpoints and tracker logs. To go on: copy the folder back to a run folder and repeat the run's
 command with --resume (and the same options). A finished run (--finished) keeps no checkpoint:
 only its curve, best network and export.
 """
@@ -17,6 +18,8 @@ import argparse
 import shutil
 from pathlib import Path
 
+from purifyguard.files import read_json, write_json
+from purifyguard.provenance import portable_arguments
 from purifyguard.train.run import last_checkpoint
 
 
@@ -41,6 +44,9 @@ def save_training_state(run: Path, destination: Path, finished: bool = False) ->
         else:
             shutil.copy2(source, target)
         copied.append(target.relative_to(destination))
+    if (run / "args.json").is_file():
+        write_json(destination / "args.json", portable_arguments(read_json(run / "args.json")))
+        copied.append(Path("args.json"))
     return copied
 
 

@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 from purifyguard import Purifier
-from purifyguard.provenance import is_absolute_path, portable_command, portable_record
+from purifyguard.provenance import (
+    is_absolute_path,
+    portable_arguments,
+    portable_command,
+    portable_record,
+)
 
 ROOT = Path(__file__).parent.parent
 SHIPPED = [ROOT / "purifyguard", ROOT / "docs", ROOT / "examples", ROOT / "README.md"]
@@ -81,6 +86,16 @@ def test_portable_commands_keep_the_options_and_replace_only_absolute_paths():
         "command": portable_command(command), "classifier": "<classifier folder>", "steps": 3,
         "inner": {"data": "fashion-mnist (training split)"}}
     assert is_absolute_path("/a") and is_absolute_path("~/a") and not is_absolute_path("a/b")
+
+
+def test_a_runs_saved_options_keep_their_values_but_not_the_machines_folders():
+    options = {"data": "fashion-mnist", "data_root": "/usr/share/datasets/fashion-mnist",
+               "output_dir": "/work/runs/x", "teacher": "runs/t/final", "steps": 6000,
+               "model_kwargs": {"channels": [16, 32]}, "config": None}
+    assert portable_arguments(options) == {
+        "data": "fashion-mnist", "data_root": "<fashion-mnist folder>",
+        "output_dir": "<run folder>", "teacher": "runs/t/final", "steps": 6000,
+        "model_kwargs": {"channels": [16, 32]}, "config": None}
 
 
 # purifyguard/hub.py saves the UNet with diffusers' save_pretrained, which writes `_name_or_path`;
