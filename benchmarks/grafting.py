@@ -26,19 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+from purifyguard.option_types import non_negative_int, positive_float, positive_int
 
 
 def parse_args(argv: list[str] | None):
@@ -46,21 +34,21 @@ def parse_args(argv: list[str] | None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--purifier", default="fashion-mnist-agdm",
                         help="registered name, folder or Hub id of the purifier")
-    parser.add_argument("--images", type=positive, default=8,
+    parser.add_argument("--images", type=positive_int, default=8,
                         help="images for the cost and direction figures")
-    parser.add_argument("--eot", type=positive, default=4, help="EOT draws per iteration")
-    parser.add_argument("--reference-draws", type=positive, default=8,
+    parser.add_argument("--eot", type=positive_int, default=4, help="EOT draws per iteration")
+    parser.add_argument("--reference-draws", type=positive_int, default=8,
                         help="plain EOT draws of the reference gradient")
-    parser.add_argument("--repeats", type=positive, default=3)
-    parser.add_argument("--threads", type=positive, default=1)
-    parser.add_argument("--eps", type=float, default=0.1, help="L-inf radius of the attacks")
-    parser.add_argument("--attack-images", type=non_negative, default=0,
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--eps", type=positive_float, default=0.1, help="L-inf radius of the attacks")
+    parser.add_argument("--attack-images", type=non_negative_int, default=0,
                         help="images attacked in part 3 (0: skip it)")
-    parser.add_argument("--attack-steps", type=positive, default=10)
-    parser.add_argument("--runs", type=positive, default=3, help="purifications per verdict")
+    parser.add_argument("--attack-steps", type=positive_int, default=10)
+    parser.add_argument("--runs", type=positive_int, default=3, help="purifications per verdict")
     args = parser.parse_args(argv)
-    if not 0 < args.eps <= 1:
-        parser.error(f"--eps must lie in (0, 1], got {args.eps}")
+    if args.eps > 1:
+        parser.error(f"--eps must lie in (0, 1] (images are in [0, 1]), got {args.eps}")
     return args
 
 
