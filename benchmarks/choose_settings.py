@@ -6,7 +6,8 @@
 
 One factor at a time around the purifier's own settings (a full grid costs the product of the
 lists): every value of --t-star with the other settings as saved, then every value of --steps,
-and so on. Each setting is one defence (the classifier behind the purifier with that change),
+and so on. --base moves the centre: `--base t_star=200,steps=5` starts every setting from those
+values instead of the saved ones (a second round around the first round's winners). Each setting is one defence (the classifier behind the purifier with that change),
 all evaluated by purifyguard's harness on the same images, attack, R purifications and seed.
 The images are --n of the --validation-size held-out training images (class-stratified, the
 split every training routine holds out with the same --validation-seed), so the settings are not
@@ -15,7 +16,9 @@ chosen on the test set that the benchmark reports.
 Output: output-dir/report.json (the harness's report; finished batches are stored, so a run
 that is stopped goes on where it stopped when repeated), output-dir/settings.json (clean and
 robust accuracy per setting, the factor and value) and output-dir/settings-<factor>.png (clean
-and robust accuracy against each factor). --quick checks the script end to end on a few images.
+and robust accuracy against each factor). settings.json's "best" is the setting with the highest
+mean robust accuracy (ties go to fewer steps, then to the higher clean accuracy). --quick checks
+the script end to end on a few images.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     for option, (field, kind) in FACTORS.items():
         parser.add_argument(f"--{option.replace('_', '-')}", default="",
                             help=f"comma-separated values of {field} to try ({kind.__name__})")
+    parser.add_argument("--base", default="",
+                        help="comma-separated option=value pairs every setting starts from, e.g. "
+                             "t_star=200,steps=5 (default: the settings as saved)")
     parser.add_argument("--output-dir", default="runs/settings")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--quick", action="store_true",
@@ -67,19 +73,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_value(option: str, raw: str) -> Any:
+    """A value given on the command line, read as its factor's kind (SystemExit naming it)."""
+    field, kind = FACTORS[option]
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SystemExit(f"--{option.replace('_', '-')}: expected {KIND_NAMES[kind]}, "
+                         f"got {raw!r}") from None
+
+
+def base_change(args: argparse.Namespace) -> dict[str, Any]:
+    """--base as a PurifierConfig change: {} for the settings as saved."""
+    change = {}
+    for pair in filter(None, (item.strip() for item in args.base.split(","))):
+        option, _, raw = pair.partition("=")
+        option = option.strip().replace("-", "_")
+        if option not in FACTORS or not raw.strip():
+            raise SystemExit(f"--base: expected option=value with option one of "
+                             f"{', '.join(FACTORS)}, got {pair!r}")
+        change[FACTORS[option][0]] = read_value(option, raw.strip())
+    return change
+
+
 def sweep(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
-    """(factor, value as given, PurifierConfig change) for every setting tried, the purifier as
-    saved first."""
-    settings = [("base", BASE, {})]
-    for option, (field, kind) in FACTORS.items():
+    """(factor, value as given, PurifierConfig change) for every setting tried, the centre (the
+    purifier as saved, or --base) first."""
+    centre = base_change(args)
+    settings = [("base", args.base.replace(" ", "") or BASE, centre)]
+    for option in FACTORS:
         for raw in filter(None, (item.strip() for item in getattr(args, option).split(","))):
-            try:
-                value = kind(raw)
-            except ValueError:
-                raise SystemExit(f"--{option.replace('_', '-')}: expected {KIND_NAMES[kind]}, "
-                                 f"got {raw!r}") from None
-            settings.append((option, raw, {field: value}))
+            settings.append((option, raw, {**centre, FACTORS[option][0]: read_value(option, raw)}))
     return settings
+
+
+def best_setting(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row with the highest mean robust accuracy; ties go to fewer sampler steps (cheaper),
+    then to the higher clean accuracy."""
+    return max(rows, key=lambda row: (row["robust_accuracy"],
+                                      -row["n_steps"],
+                                      row["clean_accuracy"]))
 
 
 def held_out_images(args: argparse.Namespace):
@@ -106,14 +139,16 @@ def build_defences(args, settings) -> dict[str, torch.nn.Module]:
     return defences
 
 
-def summarise(report: dict[str, Any], settings) -> list[dict[str, Any]]:
-    """One row per setting: factor, value, clean and robust accuracy (mean and worst case)."""
+def summarise(report: dict[str, Any], settings, defences) -> list[dict[str, Any]]:
+    """One row per setting: factor, value, its sampler steps, clean and robust accuracy (mean and
+    worst case)."""
     records = {record["model"]: record for record in report["records"]}
     rows = []
     for factor, raw, change in settings:
         record = records[f"{factor}={raw}"]
         rows.append({
             "factor": factor, "value": raw, "change": change,
+            "n_steps": defences[f"{factor}={raw}"].purifier.current_config().n_steps,
             "clean_accuracy": record["clean_accuracy"]["mean"],
             "robust_accuracy": record["robust_accuracy"]["mean"],
             "robust_worst_case": record["robust_accuracy"]["worst_case"],
@@ -174,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     report = evaluate_models(defences, held_out_images(args), [attack], n=args.n,
                              batch_size=args.batch_size, runs=args.runs, seed=args.seed,
                              output_dir=output_dir)
-    rows = summarise(report, settings)
+    rows = summarise(report, settings, defences)
     label = (f"{attack.label}: {attack.steps} it. x EOT {attack.eot}, eps {attack.eps}; "
              f"{args.n} held-out images, R = {args.runs}")
     write_json(output_dir / "settings.json", {
@@ -184,12 +219,15 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed, "held_out": {"size": args.validation_size,
                                         "seed": args.validation_seed},
         "seconds": time.perf_counter() - started, "settings": rows,
+        "best": best_setting(rows),
     })
     plot(rows, output_dir, label)
     print(f"{'setting':24s} {'clean':>7s} {'robust':>7s} {'worst':>7s}   ({label})")
     for row in rows:
         print(f"{row['factor'] + '=' + row['value']:24s} {row['clean_accuracy']:7.3f} "
               f"{row['robust_accuracy']:7.3f} {row['robust_worst_case']:7.3f}")
+    best = best_setting(rows)
+    print(f"best under attack: {best['factor']}={best['value']} (change {best['change']})")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ CPU_DEFAULT = [name for name in DEFENCES
                if name not in ("ours-full-nfe", "ours-5-steps", "ours-trades-classifier")]
 PRIMARY_ATTACKS = {"apgd-eot": "apgd-eot", "pgd": "pgd-eot"}  # --primary: kind -> record name
 EPS = 0.1
+SECONDARY_ATTACKS = ("primary", "autoattack-rand", "bpda")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     attacks.add_argument("--primary", choices=list(PRIMARY_ATTACKS), default="pgd",
                          help="the attack the targets judge; apgd-eot adds plain PGD-EOT at the "
                          "same budget for comparison")
+    attacks.add_argument("--attacks", nargs="+", choices=SECONDARY_ATTACKS, default=None,
+                         metavar="ATTACK",
+                         help="run only these of primary, autoattack-rand and bpda (default: "
+                         "all three; e.g. the primary on all n images here, the other two on "
+                         "fewer images in a second run with its own --output-dir)")
     parser.add_argument("--classifier", help="folder of the standard classifier (default: the "
                         "bundled fashion-mnist-resnet18)")
     parser.add_argument("--trades", help="folder of the TRADES classifier (default: the bundled "
@@ -117,11 +123,13 @@ def attack_specs(args: argparse.Namespace) -> list[AttackSpec]:
     if args.primary == "apgd-eot":
         primary.insert(0, AttackSpec("apgd-eot", name="apgd-eot", eps=EPS, steps=args.pgd_steps,
                                      eot=args.eot))
+    chosen = args.attacks or SECONDARY_ATTACKS
     return [
-        *primary,
-        AttackSpec("autoattack-rand", name="autoattack-rand", eps=EPS, steps=args.aa_steps,
-                   eot=args.eot),
-        AttackSpec("bpda", name="bpda-eot", eps=EPS, steps=args.bpda_steps, eot=args.eot),
+        *(primary if "primary" in chosen else []),
+        *([AttackSpec("autoattack-rand", name="autoattack-rand", eps=EPS, steps=args.aa_steps,
+                      eot=args.eot)] if "autoattack-rand" in chosen else []),
+        *([AttackSpec("bpda", name="bpda-eot", eps=EPS, steps=args.bpda_steps, eot=args.eot)]
+          if "bpda" in chosen else []),
     ]
 
 
@@ -210,7 +218,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     primary = PRIMARY_ATTACKS[args.primary]
     paired = []
-    if args.output_dir and "ours" in defences:
+    if args.output_dir and "ours" in defences and "primary" in (args.attacks or ["primary"]):
         from purifyguard.evaluation.paired import compare_stored
 
         paired = [compare_stored(args.output_dir, "ours", other, primary)

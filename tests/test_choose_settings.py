@@ -34,6 +34,38 @@ def test_a_value_of_the_wrong_type_names_its_option():
         choose_settings.sweep(args)
 
 
+def test_base_moves_the_centre_of_the_sweep():
+    args = choose_settings.build_parser().parse_args(
+        ["--base", "t_star=200, steps=5", "--scale", "0,800"])
+    assert choose_settings.sweep(args) == [
+        ("base", "t_star=200,steps=5", {"t_star": 200, "n_steps": 5}),
+        ("scale", "0", {"t_star": 200, "n_steps": 5, "guidance_scale": 0.0}),
+        ("scale", "800", {"t_star": 200, "n_steps": 5, "guidance_scale": 800.0}),
+    ]
+
+
+@pytest.mark.parametrize("base, message", [
+    ("tstar=200", "--base: expected option=value with option one of t_star, steps"),
+    ("steps", "--base: expected option=value"),
+    ("steps=many", "--steps: expected integers, got 'many'"),
+])
+def test_a_bad_base_names_the_option_and_what_was_expected(base, message):
+    args = choose_settings.build_parser().parse_args(["--base", base])
+    with pytest.raises(SystemExit, match=message):
+        choose_settings.sweep(args)
+
+
+def test_the_best_setting_is_the_most_robust_and_ties_go_to_fewer_steps():
+    rows = [
+        {"factor": "base", "n_steps": 10, "robust_accuracy": 0.70, "clean_accuracy": 0.88},
+        {"factor": "steps", "n_steps": 5, "robust_accuracy": 0.70, "clean_accuracy": 0.85},
+        {"factor": "scale", "n_steps": 10, "robust_accuracy": 0.69, "clean_accuracy": 0.90},
+    ]
+    assert choose_settings.best_setting(rows)["factor"] == "steps"
+    rows[2]["robust_accuracy"] = 0.71
+    assert choose_settings.best_setting(rows)["factor"] == "scale"
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("fashion_mnist_available")
 def test_a_quick_run_writes_the_table_and_a_picture_per_factor(tmp_path):
@@ -46,3 +78,4 @@ def test_a_quick_run_writes_the_table_and_a_picture_per_factor(tmp_path):
     assert all(0 <= row[key] <= 1 for row in result["settings"]
                for key in ("clean_accuracy", "robust_accuracy", "robust_worst_case"))
     assert (tmp_path / "settings-t_star.png").stat().st_size > 0
+    assert result["best"] in result["settings"]
