@@ -111,7 +111,7 @@ def best_setting(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The row with the highest mean robust accuracy; ties go to fewer sampler steps (cheaper),
     then to the higher clean accuracy."""
     return max(rows, key=lambda row: (row["robust_accuracy"],
-                                      -row["n_steps"],
+                                      -row["settings"]["n_steps"],
                                       row["clean_accuracy"]))
 
 
@@ -148,7 +148,8 @@ def summarise(report: dict[str, Any], settings, defences) -> list[dict[str, Any]
         record = records[f"{factor}={raw}"]
         rows.append({
             "factor": factor, "value": raw, "change": change,
-            "n_steps": defences[f"{factor}={raw}"].purifier.current_config().n_steps,
+            "settings": {field: getattr(defences[f"{factor}={raw}"].purifier.current_config(),
+                                        field) for field, _ in FACTORS.values()},
             "clean_accuracy": record["clean_accuracy"]["mean"],
             "robust_accuracy": record["robust_accuracy"]["mean"],
             "robust_worst_case": record["robust_accuracy"]["worst_case"],
@@ -157,8 +158,8 @@ def summarise(report: dict[str, Any], settings, defences) -> list[dict[str, Any]
 
 
 def plot(rows: list[dict[str, Any]], output_dir: Path, label: str) -> list[Path]:
-    """settings-<factor>.png: clean and robust accuracy against each swept factor; the purifier
-    as saved is a dashed line."""
+    """settings-<factor>.png: clean, robust (mean) and worst-case accuracy against each swept
+    factor, the centre's own value among the points (a ring marks it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,19 +168,24 @@ def plot(rows: list[dict[str, Any]], output_dir: Path, label: str) -> list[Path]
     base = next(row for row in rows if row["factor"] == "base")
     written = []
     for factor in dict.fromkeys(row["factor"] for row in rows if row["factor"] != "base"):
-        chosen = [row for row in rows if row["factor"] == factor]
+        field = FACTORS[factor][0]
+        chosen = sorted([base, *(row for row in rows if row["factor"] == factor)],
+                        key=lambda row: (str(type(row["settings"][field])),
+                                         row["settings"][field]))
         positions = range(len(chosen))
+        centre = chosen.index(base)
         figure, axes = plt.subplots(figsize=(5, 3.2))
-        for key, name in (("clean_accuracy", "clean"), ("robust_accuracy", "robust")):
+        for key, name in (("clean_accuracy", "clean"), ("robust_accuracy", "robust (mean)"),
+                          ("robust_worst_case", "robust (worst case)")):
             line, = axes.plot(positions, [row[key] for row in chosen], marker="o", label=name)
-            axes.axhline(base[key], color=line.get_color(), linestyle="--", linewidth=0.8,
-                         label=f"{name}, as saved")
-        axes.set_xticks(list(positions), [row["value"] for row in chosen])
-        axes.set_xlabel(factor)
+            axes.plot([centre], [base[key]], marker="o", markersize=12, fillstyle="none",
+                      color=line.get_color())
+        axes.set_xticks(list(positions), [str(row["settings"][field]) for row in chosen])
+        axes.set_xlabel(f"{factor} (ring: {base['value']})")
         axes.set_ylabel("accuracy (held-out)")
         axes.set_title(label, fontsize=8)
         axes.grid(alpha=0.3)
-        axes.legend()
+        axes.legend(fontsize=7)
         figure.tight_layout()
         path = output_dir / f"settings-{factor}.png"
         figure.savefig(path, dpi=100)

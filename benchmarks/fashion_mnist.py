@@ -10,9 +10,10 @@ benchmarks/results/fashion_mnist.json is the published run behind docs/benchmark
 Defences, all in front of the bundled classifier (fashion-mnist-resnet18) except the second:
 undefended; TRADES adversarial training (fashion-mnist-resnet18-trades); DiffPure-style (the
 bundled purifier with guidance "none"); GDMP-style (guidance "pixel"); ours (fashion-mnist-agdm,
-adversarial guidance); ours adapted (fashion-mnist-agdm-adapted, from `purifyguard train adapt`);
-on a GPU also ours at t* NFE (the DDPM sampler instead of 10 DDIM steps); on request
-(--defences) ours at 5 DDIM steps and ours in front of the TRADES classifier. --classifier,
+adversarial guidance); ours adapted (--adapted: a purifier from `purifyguard train adapt`, left
+out when none is given: none is bundled); on a GPU also ours at t* NFE (the DDPM sampler instead
+of DDIM steps); on request (--defences) ours at 5 DDIM steps and ours in front of the TRADES
+classifier. --classifier,
 --trades and --purifier take other folders (new components before they are bundled).
 Attacks, L-inf eps 0.1: the primary with full gradients (--primary: PGD-EOT, or APGD-EOT with
 PGD-EOT at the same budget beside it), AutoAttack-rand and BPDA+EOT. Ours is compared with every
@@ -65,7 +66,7 @@ CPU_DEFAULT = [name for name in DEFENCES
                if name not in ("ours-full-nfe", "ours-5-steps", "ours-trades-classifier")]
 PRIMARY_ATTACKS = {"apgd-eot": "apgd-eot", "pgd": "pgd-eot"}  # --primary: kind -> record name
 EPS = 0.1
-SECONDARY_ATTACKS = ("primary", "autoattack-rand", "bpda")
+SECONDARY_ATTACKS = ("primary", "pgd-beside", "autoattack-rand", "bpda")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "same budget for comparison")
     attacks.add_argument("--attacks", nargs="+", choices=SECONDARY_ATTACKS, default=None,
                          metavar="ATTACK",
-                         help="run only these of primary, autoattack-rand and bpda (default: "
-                         "all three; e.g. the primary on all n images here, the other two on "
-                         "fewer images in a second run with its own --output-dir)")
+                         help="run only these of primary, pgd-beside (plain PGD-EOT at the "
+                         "primary's budget, when the primary is apgd-eot), autoattack-rand and "
+                         "bpda (default: all; e.g. the primary on all n images here, the others "
+                         "on fewer images in a second run with its own --output-dir)")
     parser.add_argument("--classifier", help="folder of the standard classifier (default: the "
                         "bundled fashion-mnist-resnet18)")
     parser.add_argument("--trades", help="folder of the TRADES classifier (default: the bundled "
@@ -101,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="registered name, folder or Hub id of ours")
     parser.add_argument("--pixel-scale", type=float, default=1.0,
                         help="guidance scale of the GDMP-style (pixel) defence")
-    parser.add_argument("--adapted", default="fashion-mnist-agdm-adapted",
-                        help="registered name, folder or Hub id of the adapted purifier")
+    parser.add_argument("--adapted", default=None,
+                        help="registered name, folder or Hub id of the adapted purifier (the "
+                        "ours-adapted row; left out without it)")
     parser.add_argument("--defences", nargs="+", choices=list(DEFENCES),
                         default=list(DEFENCES) if reference else CPU_DEFAULT)
     parser.add_argument("--checkpointing", action="store_true",
@@ -119,13 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def attack_specs(args: argparse.Namespace) -> list[AttackSpec]:
-    primary = [AttackSpec("pgd", name="pgd-eot", eps=EPS, steps=args.pgd_steps, eot=args.eot)]
-    if args.primary == "apgd-eot":
-        primary.insert(0, AttackSpec("apgd-eot", name="apgd-eot", eps=EPS, steps=args.pgd_steps,
-                                     eot=args.eot))
     chosen = args.attacks or SECONDARY_ATTACKS
+    pgd = AttackSpec("pgd", name="pgd-eot", eps=EPS, steps=args.pgd_steps, eot=args.eot)
+    if args.primary == "apgd-eot":
+        primary = [AttackSpec("apgd-eot", name="apgd-eot", eps=EPS, steps=args.pgd_steps,
+                              eot=args.eot)] if "primary" in chosen else []
+        primary += [pgd] if "pgd-beside" in chosen else []
+    else:
+        primary = [pgd] if "primary" in chosen else []
     return [
-        *(primary if "primary" in chosen else []),
+        *primary,
         *([AttackSpec("autoattack-rand", name="autoattack-rand", eps=EPS, steps=args.aa_steps,
                       eot=args.eot)] if "autoattack-rand" in chosen else []),
         *([AttackSpec("bpda", name="bpda-eot", eps=EPS, steps=args.bpda_steps, eot=args.eot)]
@@ -158,6 +164,8 @@ def build_defences(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
             defences[name] = PurifiedModel(trades, purifier=False)
         elif name == "ours-trades-classifier":
             defences[name] = PurifiedModel(trades, ours)
+        elif name == "ours-adapted" and args.adapted is None:
+            print("leaving out ours-adapted: no --adapted purifier given", file=sys.stderr)
         else:
             try:
                 defences[name] = PurifiedModel(classifier, purifiers[name]())

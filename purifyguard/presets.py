@@ -53,10 +53,6 @@ BUNDLED_PURIFIERS = {  # name: (description, default for 1x28x28 classifiers)
         "unguided DDPM purification (DiffPure-style) with the bundled Fashion-MNIST denoiser",
         False,
     ),
-    "fashion-mnist-agdm-adapted": (
-        ("fashion-mnist-agdm with its guidance network and scale fine-tuned to the bundled "
-         "classifier (purifyguard train adapt)"), False,
-    ),
 }
 
 

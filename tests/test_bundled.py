@@ -56,14 +56,12 @@ def test_the_demo_prints_a_labelled_table_and_writes_the_picture(tmp_path, capsy
         assert (tmp_path / part / "report.json").exists()
 
 
-def test_the_adapted_purifier_changed_only_its_guidance():
-    """`purifyguard train adapt` fine-tunes the guidance network and scale; the denoiser stays."""
-    base = load_purifier("fashion-mnist-agdm")
-    adapted = load_purifier("fashion-mnist-agdm-adapted")
-    assert "command" in adapted.config.extra["adaptation"]
-    for name, weight in base.unet.state_dict().items():
-        assert torch.equal(weight, adapted.unet.state_dict()[name]), name
-    changed = [name for name, weight in base.guidance_network.state_dict().items()
-               if not torch.equal(weight, adapted.guidance_network.state_dict()[name])]
-    assert changed
-    assert adapted.config.guidance_scale != base.config.guidance_scale
+def test_the_bundled_purifiers_share_one_denoiser_and_differ_only_in_guidance():
+    """DiffPure-style and ours are the same denoiser, t* and steps; only the guidance differs, so
+    the benchmark's comparison of the two isolates the guidance."""
+    ours, unguided = load_purifier("fashion-mnist-agdm"), load_purifier("fashion-mnist-ddpm")
+    for name, weight in ours.unet.state_dict().items():
+        assert torch.equal(weight, unguided.unet.state_dict()[name]), name
+    same = ("t_star", "sampler", "n_steps", "eta", "resolution", "channels", "training_data")
+    assert all(getattr(ours.config, key) == getattr(unguided.config, key) for key in same)
+    assert ours.guidance_network is not None and unguided.guidance_network is None

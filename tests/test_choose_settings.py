@@ -57,9 +57,9 @@ def test_a_bad_base_names_the_option_and_what_was_expected(base, message):
 
 def test_the_best_setting_is_the_most_robust_and_ties_go_to_fewer_steps():
     rows = [
-        {"factor": "base", "n_steps": 10, "robust_accuracy": 0.70, "clean_accuracy": 0.88},
-        {"factor": "steps", "n_steps": 5, "robust_accuracy": 0.70, "clean_accuracy": 0.85},
-        {"factor": "scale", "n_steps": 10, "robust_accuracy": 0.69, "clean_accuracy": 0.90},
+        {"factor": "base", "settings": {"n_steps": 10}, "robust_accuracy": 0.70, "clean_accuracy": 0.88},
+        {"factor": "steps", "settings": {"n_steps": 5}, "robust_accuracy": 0.70, "clean_accuracy": 0.85},
+        {"factor": "scale", "settings": {"n_steps": 10}, "robust_accuracy": 0.69, "clean_accuracy": 0.90},
     ]
     assert choose_settings.best_setting(rows)["factor"] == "steps"
     rows[2]["robust_accuracy"] = 0.71
