@@ -214,7 +214,9 @@ def recorded_training_commands() -> list[str]:
 
 def test_the_commands_in_the_model_cards_still_parse():
     commands = recorded_training_commands()
-    assert len(commands) >= 4 and {c.split()[2] for c in commands} == set(ROUTINES), commands
+    routines = {c.split()[2] for c in commands}
+    # the bundled models' cards: diffusion and guidance (adapt when an adapted purifier ships)
+    assert len(commands) >= 4 and {"diffusion", "guidance"} <= routines <= set(ROUTINES), commands
     parsers = all_parsers()
     for command in commands:
         words = shlex.split(command)

@@ -69,7 +69,7 @@ def test_the_bundled_training_records_hold_placeholders_not_paths():
     for path in sorted(assets.rglob("unet/config.json")):
         assert "_name_or_path" not in json.loads(path.read_text()), path
     card = (assets / "purifiers" / "fashion-mnist-agdm" / "README.md").read_text()
-    assert "--data-root '<fashion-mnist folder>' --output-dir '<run folder>'" in card
+    assert "--data-root '<fashion-mnist folder>'" in card  # run folders: relative or placeholders
 
 
 def test_portable_commands_keep_the_options_and_replace_only_absolute_paths():
