@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adaptive-n", type=positive_int, default=16, help="images for attack 3")
     parser.add_argument("--adaptive-batch-size", type=positive_int, default=2,
                         help="images per batch of attack 3: its full-gradient graph through the "
-                        "purifier takes about 0.35 GiB per image, so small batches keep the demo "
-                        "within 2 GiB")
+                        "bundled purifier takes about 0.05 GiB per image (more with more steps "
+                        "or a larger denoiser), so small batches keep the demo within 2 GiB")
     parser.add_argument("--adaptive-steps", type=positive_int, default=5,
                         help="PGD steps of attack 3")
     parser.add_argument("--eot", type=positive_int, default=1, help="EOT samples of attack 3")
