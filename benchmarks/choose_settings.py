@@ -7,8 +7,8 @@
 One factor at a time around the purifier's own settings (a full grid costs the product of the
 lists): every value of --t-star with the other settings as saved, then every value of --steps,
 and so on. --base moves the centre: `--base t_star=200,steps=5` starts every setting from those
-values instead of the saved ones (a second round around the first round's winners). Each setting is one defence (the classifier behind the purifier with that change),
-all evaluated by purifyguard's harness on the same images, attack, R purifications and seed.
+values instead of the saved ones (a second round around the first round's winners). Each
+setting is one defence (the classifier behind the purifier with that change), all evaluated by purifyguard's harness on the same images, attack, R purifications and seed.
 The images are --n of the --validation-size held-out training images (class-stratified, the
 split every training routine holds out with the same --validation-seed), so the settings are not
 chosen on the test set that the benchmark reports.
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_value(option: str, raw: str) -> Any:
     """A value given on the command line, read as its factor's kind (SystemExit naming it)."""
-    field, kind = FACTORS[option]
+    kind = FACTORS[option][1]
     try:
         return kind(raw)
     except ValueError:
@@ -170,8 +170,7 @@ def plot(rows: list[dict[str, Any]], output_dir: Path, label: str) -> list[Path]
     for factor in dict.fromkeys(row["factor"] for row in rows if row["factor"] != "base"):
         field = FACTORS[factor][0]
         chosen = sorted([base, *(row for row in rows if row["factor"] == factor)],
-                        key=lambda row: (str(type(row["settings"][field])),
-                                         row["settings"][field]))
+                        key=lambda row: row["settings"][field])
         positions = range(len(chosen))
         centre = chosen.index(base)
         figure, axes = plt.subplots(figsize=(5, 3.2))

@@ -142,13 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.repeats):
         for name, model in models.items():
             with torch.no_grad():
-                seconds = timed(args.device, lambda: model(forward_images))
+                seconds = timed(args.device, lambda model=model: model(forward_images))
             timings[name]["forward"].append(len(forward_images) / seconds)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            seconds = timed(args.device, lambda: input_gradient(model, attack_images,
-                                                                attack_labels))
+            seconds = timed(args.device, lambda model=model: input_gradient(
+                model, attack_images, attack_labels))
             timings[name]["attack"].append(seconds / len(attack_images))
             if cuda:
                 timings[name]["peak_mib"].append((torch.cuda.max_memory_allocated() - base) / 2**20)

@@ -66,7 +66,7 @@ CPU_DEFAULT = [name for name in DEFENCES
                if name not in ("ours-full-nfe", "ours-5-steps", "ours-trades-classifier")]
 PRIMARY_ATTACKS = {"apgd-eot": "apgd-eot", "pgd": "pgd-eot"}  # --primary: kind -> record name
 EPS = 0.1
-SECONDARY_ATTACKS = ("primary", "pgd-beside", "autoattack-rand", "bpda")
+ATTACK_GROUPS = ("primary", "pgd-beside", "autoattack-rand", "bpda")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     attacks.add_argument("--primary", choices=list(PRIMARY_ATTACKS), default="pgd",
                          help="the attack the targets judge; apgd-eot adds plain PGD-EOT at the "
                          "same budget for comparison")
-    attacks.add_argument("--attacks", nargs="+", choices=SECONDARY_ATTACKS, default=None,
+    attacks.add_argument("--attacks", nargs="+", choices=ATTACK_GROUPS, default=None,
                          metavar="ATTACK",
                          help="run only these of primary, pgd-beside (plain PGD-EOT at the "
                          "primary's budget, when the primary is apgd-eot), autoattack-rand and "
@@ -122,21 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def attack_specs(args: argparse.Namespace) -> list[AttackSpec]:
-    chosen = args.attacks or SECONDARY_ATTACKS
+    """The attacks of --attacks (all by default), in the order of ATTACK_GROUPS."""
     pgd = AttackSpec("pgd", name="pgd-eot", eps=EPS, steps=args.pgd_steps, eot=args.eot)
-    if args.primary == "apgd-eot":
-        primary = [AttackSpec("apgd-eot", name="apgd-eot", eps=EPS, steps=args.pgd_steps,
-                              eot=args.eot)] if "primary" in chosen else []
-        primary += [pgd] if "pgd-beside" in chosen else []
-    else:
-        primary = [pgd] if "primary" in chosen else []
-    return [
-        *primary,
-        *([AttackSpec("autoattack-rand", name="autoattack-rand", eps=EPS, steps=args.aa_steps,
-                      eot=args.eot)] if "autoattack-rand" in chosen else []),
-        *([AttackSpec("bpda", name="bpda-eot", eps=EPS, steps=args.bpda_steps, eot=args.eot)]
-          if "bpda" in chosen else []),
-    ]
+    apgd = AttackSpec("apgd-eot", name="apgd-eot", eps=EPS, steps=args.pgd_steps, eot=args.eot)
+    groups = {
+        "primary": apgd if args.primary == "apgd-eot" else pgd,
+        "pgd-beside": pgd if args.primary == "apgd-eot" else None,
+        "autoattack-rand": AttackSpec("autoattack-rand", name="autoattack-rand", eps=EPS,
+                                      steps=args.aa_steps, eot=args.eot),
+        "bpda": AttackSpec("bpda", name="bpda-eot", eps=EPS, steps=args.bpda_steps, eot=args.eot),
+    }
+    chosen = args.attacks or ATTACK_GROUPS
+    return [groups[name] for name in ATTACK_GROUPS if name in chosen and groups[name] is not None]
 
 
 def build_defences(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
