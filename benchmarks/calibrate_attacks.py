@@ -8,7 +8,8 @@ Fashion-MNIST defences, with the convergence curves.
 
 Budget: --budget gradient evaluations per image for each attack. PGD-EOT and APGD-EOT run
 budget / eot iterations of eot draws; AutoAttack-rand (APGD-CE then APGD-DLR, start point
-included) runs budget / (2 eot) - 1 iterations per loss, so it spends at most the same.
+included) runs budget / (2 eot) - 1 iterations per loss, so it spends at most the same;
+--with-bpda adds BPDA at budget / eot iterations (its gradients skip the purifier's backward).
 APGD-EOT also spends its selection forward passes (in the record and the table).
 Defences (as benchmarks/fashion_mnist.py builds them): undefended (the bundled classifier),
 trades (the bundled TRADES classifier), diffpure (the bundled purifier, guidance "none"), ours
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--defences", nargs="+", choices=DEFENCES, default=list(DEFENCES))
     parser.add_argument("--with-em", action="store_true",
                         help="also run apgd-eot with DiffHammer-style EM weighting of the draws")
+    parser.add_argument("--with-bpda", action="store_true",
+                        help="also run BPDA (the purifier's backward taken as the identity) at the "
+                             "same budget: what full gradients add over it")
     parser.add_argument("--quick", action="store_true",
                         help="4 images, budget 4, R = 2: checks that everything runs")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -57,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def attack_specs(budget: int, eot: int, with_em: bool) -> list[AttackSpec]:
+def attack_specs(budget: int, eot: int, with_em: bool,
+                 with_bpda: bool = False) -> list[AttackSpec]:
     steps = max(1, budget // eot)
     specs = [
         AttackSpec("apgd-eot", name="apgd-eot", eps=EPS, steps=steps, eot=eot),
@@ -68,6 +73,8 @@ def attack_specs(budget: int, eot: int, with_em: bool) -> list[AttackSpec]:
     if with_em:
         specs.append(AttackSpec("apgd-eot", name="apgd-eot-em", eps=EPS, steps=steps, eot=eot,
                                 eot_weighting="em"))
+    if with_bpda:
+        specs.append(AttackSpec("bpda", name="bpda", eps=EPS, steps=steps, eot=eot))
     return specs
 
 
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     report = evaluate_models(
         build_defences(args.defences), (images[:args.n], labels[:args.n]),
-        attack_specs(args.budget, args.eot, args.with_em), n=args.n,
+        attack_specs(args.budget, args.eot, args.with_em, args.with_bpda), n=args.n,
         batch_size=args.batch_size, runs=args.runs, seed=args.seed, output_dir=args.output_dir,
     )
     table = calibration_table(report)
