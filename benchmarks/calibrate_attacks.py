@@ -15,7 +15,8 @@ Defences (as benchmarks/fashion_mnist.py builds them): undefended (the bundled c
 trades (the bundled TRADES classifier), diffpure (the bundled purifier, guidance "none"), ours
 (fashion-mnist-agdm). Output: the harness's report (report.json, report.md, one
 convergence-<defence>.png per defence) and calibration.md, the table for docs/evaluation.md, in
---output-dir; finished batches are stored, so a rerun resumes.
+--output-dir, with paired tests on the same images (apgd-eot against each other attack; ours
+against each other defence); finished batches are stored, so a rerun resumes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from purifyguard import PurifiedModel, bundled_classifier, bundled_test_images
 from purifyguard.evaluation import evaluate_models
 from purifyguard.evaluation.attacks import AttackSpec
+from purifyguard.evaluation.paired import compare_attacks_stored, compare_stored
 from purifyguard.files import write_atomic
 from purifyguard.registry import load_purifier
 
@@ -120,6 +122,38 @@ def calibration_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_table(output_dir: str | Path, report: dict) -> str:
+    """Paired tests on the same images: apgd-eot against each other attack on every defence
+    (negative: apgd-eot leaves less), then ours against each other defence under every attack."""
+    defences = list(dict.fromkeys(record["model"] for record in report["records"]))
+    attacks = list(dict.fromkeys(record["attack"]["name"] for record in report["records"]))
+    rows = [(defence, f"apgd-eot vs {other}",
+             compare_attacks_stored(output_dir, defence, "apgd-eot", other))
+            for defence in defences for other in attacks if other != "apgd-eot"]
+    rows += [(f"ours vs {other}", attack, compare_stored(output_dir, "ours", other, attack))
+             for other in defences if "ours" in defences and other != "ours"
+             for attack in attacks]
+    lines = [
+        ("Paired tests on the same images (purifyguard.evaluation.paired): the difference in mean "
+         "robust accuracy, first minus second, with its 95% paired-bootstrap interval, and "
+         "McNemar's exact test on the worst case."),
+        "",
+        ("| defence | attack | mean difference, points [95% CI] | p (bootstrap) "
+         "| worst case: only first / only second | p (McNemar) |"),
+        "|---|---|---|---|---|---|",
+    ]
+    for defence, attack, item in rows:
+        mean, worst = item["mean"], item["worst_case"]
+        low, high = mean["ci95"]
+        lines.append(
+            f"| {defence} | {attack} | "
+            f"{100 * mean['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] | "
+            f"{mean['p_value']:.3g} | {worst['only_first']} / {worst['only_second']} | "
+            f"{worst['p_value']:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.quick:
@@ -137,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         attack_specs(args.budget, args.eot, args.with_em, args.with_bpda), n=args.n,
         batch_size=args.batch_size, runs=args.runs, seed=args.seed, output_dir=args.output_dir,
     )
-    table = calibration_table(report)
+    table = calibration_table(report) + "\n" + paired_table(args.output_dir, report)
     command = "python benchmarks/calibrate_attacks.py " + shlex.join(sys.argv[1:] if argv is None
                                                                       else argv)
     text = (f"{command}\n\n{table}\nwall time {time.perf_counter() - started:.0f} s, "

@@ -1,6 +1,6 @@
 """benchmarks/calibrate_attacks.py: every attack spends the same budget of gradient evaluations,
 bad arguments stop before any model loads, and a quick run on the bundled classifier writes the
-table with one row per attack."""
+table with one row per attack and the paired tests of apgd-eot against the others."""
 
 from __future__ import annotations
 
@@ -56,3 +56,6 @@ def test_a_quick_run_writes_one_row_per_attack(tmp_path, capsys):
     pgd_row = next(line for line in table.splitlines() if "| pgd-eot |" in line)
     assert not pgd_row.split(" | ")[3].startswith("100.0")
     assert (tmp_path / "convergence-undefended.png").exists()
+    paired = [line for line in table.splitlines() if "| apgd-eot vs " in line]
+    assert [row.split(" | ")[1] for row in paired] == [
+        "apgd-eot vs pgd-eot", "apgd-eot vs autoattack-rand", "apgd-eot vs bpda"]

@@ -9,6 +9,7 @@ from torch import nn
 
 from purifyguard.evaluation import evaluate_models
 from purifyguard.evaluation.paired import (
+    compare_attacks_stored,
     compare_stored,
     correct_table,
     mcnemar_exact,
@@ -78,3 +79,24 @@ def test_two_stored_defences_are_compared_image_by_image(tmp_path):
     assert result["mean"]["p_value"] < 0.01
     with pytest.raises(ValueError, match="no stored batches"):
         compare_stored(tmp_path, "reads", "absent", "pgd")
+
+
+def test_two_attacks_on_one_stored_defence_are_compared_image_by_image(tmp_path):
+    labels = torch.arange(40) % 10
+    images = ((labels.float() + 0.5) / 10).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()
+    evaluate_models({"reads": ReadsTheLabel()}, (images, labels),
+                    ["pgd:eps=0.001,steps=1,eot=1,name=weak",
+                     "pgd:eps=0.2,steps=5,eot=1,name=strong"],
+                    n=40, batch_size=16, runs=2, output_dir=tmp_path, progress=False)
+
+    result = compare_attacks_stored(tmp_path, "reads", "strong", "weak")
+    assert (result["model"], result["first"], result["second"], result["n"]) == (
+        "reads", "strong", "weak", 40)
+    _, strong = correct_table(tmp_path, "reads", "strong")
+    fooled = int((~strong.all(0)).sum())
+    assert fooled > 20  # a shift of 0.2 in the mean pixel is two classes away
+    assert result["worst_case"] == {"only_first": 0, "only_second": fooled,
+                                    "p_value": pytest.approx(2 / 2**fooled)}
+    assert result["mean"]["difference"] < 0 and result["mean"]["p_value"] < 0.01
+    with pytest.raises(ValueError, match="no stored batches"):
+        compare_attacks_stored(tmp_path, "reads", "strong", "absent")

@@ -12,7 +12,8 @@ clear, or the other way round. Paired tests use the per-image outcomes instead:
 
 compare_stored() reads both defences' per-run predictions from an evaluation folder's stored
 batches (output_dir/batches-*.jsonl), so any evaluation that ran both on the same images and
-attack can be compared after the fact.
+attack can be compared after the fact; compare_attacks_stored() compares two attacks on one
+defence the same way (which attack is stronger, beyond the noise).
 """
 
 from __future__ import annotations
@@ -97,12 +98,33 @@ def compare_stored(
 ) -> dict[str, Any]:
     """Paired comparison of two defences evaluated in one folder on the same images and attack:
     mean accuracy (paired bootstrap) and worst case (McNemar)."""
-    first_indices, first_table = correct_table(output_dir, first, attack)
-    second_indices, second_table = correct_table(output_dir, second, attack)
+    result = _compare_tables(correct_table(output_dir, first, attack),
+                             correct_table(output_dir, second, attack), samples, seed,
+                             f"{first!r} and {second!r} were")
+    return {"first": first, "second": second, "attack": attack, **result}
+
+
+def compare_attacks_stored(
+    output_dir: str | Path, model: str, first: str, second: str, samples: int = 10_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Paired comparison of two attacks on one defence evaluated in one folder on the same images:
+    a negative mean difference means the first attack leaves less robust accuracy (is stronger)."""
+    result = _compare_tables(correct_table(output_dir, model, first),
+                             correct_table(output_dir, model, second), samples, seed,
+                             f"{model!r} under {first!r} and {second!r} was")
+    return {"model": model, "first": first, "second": second, **result}
+
+
+def _compare_tables(
+    first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor],
+    samples: int, seed: int, what: str,
+) -> dict[str, Any]:
+    (first_indices, first_table), (second_indices, second_table) = first, second
     if not torch.equal(first_indices, second_indices):
-        raise ValueError(f"{first!r} and {second!r} were not evaluated on the same images")
+        raise ValueError(f"{what} not evaluated on the same images")
     return {
-        "first": first, "second": second, "attack": attack, "n": len(first_indices),
+        "n": len(first_indices),
         "mean": paired_bootstrap(first_table.double().mean(0), second_table.double().mean(0),
                                  samples, seed),
         "worst_case": mcnemar_exact(first_table.all(0), second_table.all(0)),
