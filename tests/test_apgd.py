@@ -13,7 +13,7 @@ from test_evaluation import _fashion, small_cnn
 from torch import nn
 
 from purifyguard.evaluation import AttackSpec, default_attacks, evaluate, parse_attack
-from purifyguard.evaluation.apgd import checkpoints, split_budget
+from purifyguard.evaluation.apgd import apgd_eot, checkpoints, split_budget
 from purifyguard.evaluation.em_weighting import combine_draws, vulnerable_cluster_weights
 from purifyguard.evaluation.losses import attack_loss, cw_margin, dlr_loss
 from purifyguard.evaluation.pgd import EotDraws
@@ -104,6 +104,8 @@ def test_the_budget_and_every_setting_are_in_the_record(tmp_path):
     assert (apgd["restarts"], apgd["loss"], apgd["momentum"], apgd["eot_weighting"]) == (
         2, "ce+margin", 0.75, "em")
     assert apgd["step_schedule"]["initial_step"] == pytest.approx(0.2)
+    assert apgd["step_schedule"]["randomised_initial_step"] == pytest.approx(0.05)
+    assert apgd["step_schedule"]["randomised_review"] == "interval mean loss"
     assert pgd["restarts"] is None and pgd["step_schedule"] is None
     curve = report["records"][0]["convergence"]
     assert curve["iterations"] == list(range(1, 7)) and curve["restart_starts"] == [0, 3]
@@ -155,3 +157,28 @@ def test_em_weighting_follows_the_shared_direction_and_equals_the_mean_for_one_d
     assert combined[0, 1].abs() < 0.5 < combined[0, 0]  # the outlier no longer dominates
     one = EotDraws(gradients[:1], torch.zeros(1, 1), torch.ones(1, 1))
     assert torch.equal(combine_draws(one, "em"), combine_draws(one, "mean"))
+
+
+class SureLinear(nn.Module):
+    """A linear classifier sure of class 0 everywhere near the inputs (never fooled here), with
+    optional output noise too small to matter but enough to make it a randomised model."""
+
+    def __init__(self, noise: float) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.weight, self.noise = torch.randn(3, 16), noise
+        self.bias = torch.tensor([20.0, 0.0, 0.0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = x.flatten(1) @ self.weight.T + self.bias
+        return logits + self.noise * torch.randn_like(logits)
+
+
+@pytest.mark.parametrize("noise, first_step", [(0.0, 0.1), (1e-6, 0.05)],
+                         ids=["deterministic-2eps-clipped-to-eps", "randomised-half-eps"])
+def test_the_first_step_is_half_eps_on_a_randomised_model(noise, first_step):
+    images, labels = torch.full((2, 1, 4, 4), 0.5), torch.zeros(2, dtype=torch.long)
+    adversarial = apgd_eot(SureLinear(noise), images, labels, eps=0.1, steps=2, eot=1,
+                           random_start=False, select_draws=0)
+    # one step from the clean image; the highest-loss candidate (nothing is fooled) is its end
+    assert (adversarial - images).abs().amax().item() == pytest.approx(first_step)

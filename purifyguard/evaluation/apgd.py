@@ -7,7 +7,8 @@ steps x eot gradient evaluations per example, as PGD-EOT with the same steps and
 top come `select_draws` forward passes for each of its 3 x restarts candidates (selection.py).
 
 Within a restart of n iterations (n gradients, n - 1 steps):
-- step size: starts at `initial_step` (2 eps, APGD's choice) per example; at checkpoints after
+- step size: starts at `initial_step` (2 eps, APGD's choice; eps / 2 on a randomised model)
+  per example; at checkpoints after
   0.22 n steps, then at intervals shrinking by 0.03 n down to at least 0.06 n (and never closer
   than MIN_INTERVAL steps), it is halved for an example whose loss rose in fewer than RHO = 75%
   of the interval's steps, or whose step was not halved at the last checkpoint and whose best
@@ -15,6 +16,16 @@ Within a restart of n iterations (n gradients, n - 1 steps):
   a deterministic model. On a randomised one the best loss is the largest of noisy estimates
   (the winner's curse: measured, jumping back there cost 4 points of accuracy on a noisy model),
   so the point stays a candidate, judged on fresh draws at the end, and the run goes on.
+  On a randomised model the loss of one iteration is itself a noisy estimate: its rises are
+  close to coin flips, fewer than RHO of them on any plateau, so APGD's review halved the step at
+  every checkpoint (measured: 2.6 points weaker than plain PGD-EOT on a DiffPure-style purifier
+  at 20 iterations x 2 draws). There the review (RANDOMISED_REVIEW) instead compares the mean
+  loss over the interval's iterations with the mean over the interval before (the start's loss
+  for the first) and halves the step when that smoothed loss did not rise, and the first step
+  is eps / 2 instead of 2 eps (a sign step of 2 eps jumps to the corner that one noisy gradient
+  points at). Measured on that purifier (128 images, R = 10): the old review 65.3 % mean, 43.8 %
+  worst; plain PGD-EOT 62.7 / 36.7; this one 63.2 / 34.4 (the interval mean alone, from 2 eps:
+  67.0 / 39.8).
 - momentum: x_{k+1} = P(x_k + a (z_{k+1} - x_k) + (1 - a)(x_k - x_{k-1})) with
   z_{k+1} = P(x_k + step * ascent(gradient)), a = `momentum` (0.75, APGD's), a = 1 on the
   first step.
@@ -52,6 +63,8 @@ FIRST_CHECKPOINT, CHECKPOINT_SHRINK, MIN_CHECKPOINT = 0.22, 0.03, 0.06
 CANDIDATES_PER_RESTART = 3
 ITERATIONS_PER_RESTART = 100  # AutoAttack's APGD: 100 iterations per loss
 MIN_INTERVAL = 3
+RANDOMISED_REVIEW = "interval mean loss"  # how a randomised model's step is reviewed (above)
+RANDOMISED_INITIAL_STEP = 0.5  # x eps: a randomised model's first step size (above)
 
 
 def apgd_eot(
@@ -88,7 +101,8 @@ def apgd_eot(
         found = _restart(
             model, clean, start, labels, attack_loss(name, n_classes), iterations=iterations,
             eps=eps, eot=eot, norm=norm, momentum=momentum,
-            initial_step=2 * eps if initial_step is None else initial_step,
+            initial_step=(initial_step if initial_step is not None
+                          else RANDOMISED_INITIAL_STEP * eps if randomised else 2 * eps),
             eot_weighting=eot_weighting, graft=graft, jump_to_best=not randomised,
             chunk_size=chunk_size, on_step=on_step, trace=trace,
         )
@@ -168,6 +182,7 @@ def _restart(
     increases = torch.zeros(len(x), device=x.device)
     loss_at_check, halved_at_check = best_loss.clone(), torch.ones_like(increases, dtype=torch.bool)
     review, since_check = set(checkpoints(iterations - 1)), 0
+    interval_sum, previous_mean = torch.zeros_like(current_loss), current_loss.clone()
     for k in range(1, iterations):
         z = project(clean, x + step.view(per_example) * ascent(gradient, norm), eps, norm)
         weight = 1.0 if k == 1 else momentum
@@ -176,6 +191,7 @@ def _restart(
         last_loss = current_loss
         gradient, current_loss, wrong = evaluate(x)
         increases += (current_loss > last_loss).float()
+        interval_sum += current_loss
         since_check += 1
         better = current_loss > best_loss
         best_x[better], best_gradient[better] = x[better], gradient[better]
@@ -183,9 +199,14 @@ def _restart(
         fooled_more = wrong >= most_wrong
         worst_x[fooled_more], most_wrong[fooled_more] = x[fooled_more], wrong[fooled_more]
         if k in review:
-            stalled = increases < RHO * since_check
-            no_progress = ~halved_at_check & (best_loss <= loss_at_check)
-            halve = stalled | no_progress
+            if jump_to_best:  # a deterministic model: APGD's own review
+                stalled = increases < RHO * since_check
+                no_progress = ~halved_at_check & (best_loss <= loss_at_check)
+                halve = stalled | no_progress
+            else:  # a randomised one: the interval's mean loss against the interval's before
+                interval_mean = interval_sum / since_check
+                halve = interval_mean <= previous_mean
+                previous_mean = interval_mean
             step[halve] /= 2
             x, gradient = x.clone(), gradient.clone()
             if jump_to_best:
@@ -194,6 +215,7 @@ def _restart(
             previous = torch.where(halve.view(per_example), x, previous)
             halved_at_check, loss_at_check = halve, best_loss.clone()
             increases.zero_()
+            interval_sum = torch.zeros_like(interval_sum)
             since_check = 0
     return [best_x, worst_x, x], [best_loss_wrong, most_wrong, wrong]
 

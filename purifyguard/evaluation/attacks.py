@@ -28,6 +28,8 @@ from purifyguard.evaluation.apgd import (
     FIRST_CHECKPOINT,
     LOSS_PLANS,
     MIN_CHECKPOINT,
+    RANDOMISED_INITIAL_STEP,
+    RANDOMISED_REVIEW,
     RHO,
     apgd_eot,
     default_restarts,
@@ -234,6 +236,9 @@ class AttackSpec:
                 "initial_step": self.alpha, "first_checkpoint": FIRST_CHECKPOINT,
                 "checkpoint_shrink": CHECKPOINT_SHRINK, "min_checkpoint": MIN_CHECKPOINT,
                 "rho": RHO, "candidates_per_restart": CANDIDATES_PER_RESTART,
+                "randomised_review": RANDOMISED_REVIEW,
+                "randomised_initial_step": (self.step_size if self.step_size is not None
+                                            else RANDOMISED_INITIAL_STEP * self.eps),
             },
         }
 
@@ -371,7 +376,7 @@ def run_attack(
         return apgd_eot(
             model, images, labels, eps=spec.eps, steps=spec.steps, eot=spec.eot, norm=spec.norm,
             restarts=spec.n_restarts, loss=spec.loss, momentum=spec.momentum,
-            initial_step=spec.alpha, select_draws=spec.select_draws,
+            initial_step=spec.step_size, select_draws=spec.select_draws,
             eot_weighting=spec.eot_weighting, graft=spec.graft, random_start=spec.random_start,
             selection_seed=derive_seed(seed, "selection"), on_step=on_step, trace=trace,
         )
