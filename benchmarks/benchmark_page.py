@@ -58,10 +58,19 @@ def attacks_section(report: dict[str, Any]) -> list[str]:
         setting = "**reduced** (below the reference)" if attack["reduced"] else "reference"
         lines.append(
             f"| {attack['name']} | {attack['kind']} | {attack['norm']} | {attack['eps']:g} "
-            f"| {attack['steps']} | {attack['eot']} | {attack['step_size']:.4g} "
+            f"| {attack['steps']} | {attack['eot']} | {step_size_text(attack)} "
             f"| {attack['gradient_mode']} (for purified models) | {setting} |"
         )
     return lines
+
+
+def step_size_text(attack: dict[str, Any]) -> str:
+    """The step size, and apgd-eot's first step on randomised models where it differs."""
+    text = f"{attack['step_size']:.4g}"
+    randomised = (attack.get("step_schedule") or {}).get("randomised_initial_step")
+    if randomised is not None and randomised != attack["step_size"]:
+        text += f" ({randomised:.4g} first on randomised models)"
+    return text
 
 
 def primary(benchmark: dict[str, Any]) -> str:

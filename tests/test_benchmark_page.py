@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from benchmark_page import benchmark_page
+from benchmark_page import benchmark_page, step_size_text
 from fashion_mnist import main as benchmark_main
 
 PUBLISHED_JSON = ROOT / "benchmarks" / "results" / "fashion_mnist.json"
@@ -103,3 +103,12 @@ def test_a_named_primary_attack_is_judged_and_paired_tests_are_shown() -> None:
     assert "| ours vs diffpure | +7.0 [+2.0, +12.0] | 0.004 | 11 / 3 | 0.0574 |" in page
     assert ("ours >= DiffPure-style + 5 points, significant in the paired test: met (+7.0 points, "
             "paired bootstrap p = 0.004)") in page
+
+
+def test_apgd_eot_states_its_first_step_on_randomised_models() -> None:
+    schedule = {"initial_step": 0.2, "randomised_initial_step": 0.05}
+    assert step_size_text({"step_size": 0.2, "step_schedule": schedule}) == (
+        "0.2 (0.05 first on randomised models)")
+    assert step_size_text({"step_size": 0.025, "step_schedule": None}) == "0.025"
+    # records written before the randomised review state one step size
+    assert step_size_text({"step_size": 0.2, "step_schedule": {"initial_step": 0.2}}) == "0.2"
