@@ -123,13 +123,14 @@ def targets_section(benchmark: dict[str, Any]) -> list[str]:
     lines = []
     for ours in (name for name in OURS if name in table):
         others = {name: robust(name) for name in table if name not in OURS}
-        best_other = max(others, key=others.get)
-        margin = robust(ours) - others[best_other]
-        lines.append(
-            f"- {ours} beats every other defence under {chosen}: "
-            f"{'met' if margin > 0 else 'missed'} ({robust(ours):.1f} vs {best_other} "
-            f"{others[best_other]:.1f}, {margin:+.1f} points; {noise(ours)})."
-        )
+        if others:  # a run of our defences alone has nothing to beat
+            best_other = max(others, key=others.get)
+            margin = robust(ours) - others[best_other]
+            lines.append(
+                f"- {ours} beats every other defence under {chosen}: "
+                f"{'met' if margin > 0 else 'missed'} ({robust(ours):.1f} vs {best_other} "
+                f"{others[best_other]:.1f}, {margin:+.1f} points; {noise(ours)})."
+            )
         if "diffpure" in table:
             margin = robust(ours) - robust("diffpure")
             verdict = "met" if margin >= TARGET_MARGIN_OVER_DIFFPURE else "missed"

@@ -112,3 +112,11 @@ def test_apgd_eot_states_its_first_step_on_randomised_models() -> None:
     assert step_size_text({"step_size": 0.025, "step_schedule": None}) == "0.025"
     # records written before the randomised review state one step size
     assert step_size_text({"step_size": 0.2, "step_schedule": {"initial_step": 0.2}}) == "0.2"
+
+
+def test_a_page_of_our_defence_alone_has_no_comparison_targets() -> None:
+    benchmark = synthetic_benchmark(ours_robust=0.6, ours_clean=0.9)
+    benchmark["report"]["records"] = [r for r in benchmark["report"]["records"]
+                                      if r["model"] == "ours"]
+    page = benchmark_page(benchmark)
+    assert "| ours |" in page and "beats every other defence" not in page
