@@ -204,13 +204,18 @@ def paired_section(benchmark: dict[str, Any]) -> list[str]:
               "first / only second | p (McNemar) |")
     lines = ["## Paired tests", "", intro, "", header, "|---|---|---|---|---|"]
     for item in comparisons:
-        mean, worst = item["mean"], item["worst_case"]
-        low, high = mean["ci95"]
-        lines.append(
-            f"| {item['first']} vs {item['second']} | {100 * mean['difference']:+.1f} "
-            f"[{100 * low:+.1f}, {100 * high:+.1f}] | {mean['p_value']:.3g} "
-            f"| {worst['only_first']} / {worst['only_second']} | {worst['p_value']:.3g} |")
+        lines.append(f"| {item['first']} vs {item['second']} | {paired_cells(item)}")
     return [*lines, ""]
+
+
+def paired_cells(item: dict[str, Any]) -> str:
+    """A paired comparison's table cells: mean difference in points [95% CI], its bootstrap p,
+    the worst case's discordant images and McNemar's p."""
+    mean, worst = item["mean"], item["worst_case"]
+    low, high = mean["ci95"]
+    return (f"{100 * mean['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] | "
+            f"{mean['p_value']:.3g} | {worst['only_first']} / {worst['only_second']} | "
+            f"{worst['p_value']:.3g} |")
 
 
 def sanity_section(report: dict[str, Any], chosen: str = PRIMARY) -> list[str]:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchmark_page import paired_cells
 
 from purifyguard import PurifiedModel, bundled_classifier, bundled_test_images
 from purifyguard.evaluation import evaluate_models
@@ -142,15 +143,7 @@ def paired_table(output_dir: str | Path, report: dict) -> str:
          "| worst case: only first / only second | p (McNemar) |"),
         "|---|---|---|---|---|---|",
     ]
-    for defence, attack, item in rows:
-        mean, worst = item["mean"], item["worst_case"]
-        low, high = mean["ci95"]
-        lines.append(
-            f"| {defence} | {attack} | "
-            f"{100 * mean['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] | "
-            f"{mean['p_value']:.3g} | {worst['only_first']} / {worst['only_second']} | "
-            f"{worst['p_value']:.3g} |"
-        )
+    lines += [f"| {defence} | {attack} | {paired_cells(item)}" for defence, attack, item in rows]
     return "\n".join(lines) + "\n"
 
 
