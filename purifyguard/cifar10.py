@@ -102,7 +102,7 @@ def load_cifar10_purifier(name: str = "cifar10-agdm", *, model_dir: str | Path |
 
 
 def _guidance_network(recipe: Recipe, model_dir: str | Path | None) -> nn.Module:
-    from purifyguard.adapters.robustbench import load_robustbench_model
+    from purifyguard.adapters.robustbench_zoo import load_robustbench_model
 
     try:
         return load_robustbench_model(recipe.guidance_network, model_dir=model_dir)
@@ -112,7 +112,7 @@ def _guidance_network(recipe: Recipe, model_dir: str | Path | None) -> nn.Module
 
 def prefetch_message(recipe: Recipe, model_dir: str | Path | None, error: Exception) -> str:
     """What `recipe` downloads on first use, whether each part is here, and how to pre-fetch."""
-    from purifyguard.adapters.robustbench import default_model_dir, parse_robustbench_name
+    from purifyguard.adapters.robustbench_zoo import default_model_dir, parse_robustbench_name
 
     reference = parse_robustbench_name(recipe.guidance_network)
     root = default_model_dir() if model_dir is None else Path(model_dir)
