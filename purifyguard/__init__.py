@@ -1,7 +1,8 @@
 """purifyguard: a robust diffusion purifier with adversarial guidance in front of any classifier.
 
 The public names load on first use (PEP 562): `import purifyguard` and the command line's
-`--help` stay fast, while `from purifyguard import PurifiedModel` works as it always did.
+`--help` stay fast, while `from purifyguard import PurifiedModel` works as it always did. The
+built-in named purifiers join the registry here, at import (purifyguard.presets: light, no torch).
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+import purifyguard.presets  # noqa: F401  (fills the registry with the built-in purifiers)
+from purifyguard.version import __version__ as __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -48,7 +50,6 @@ if TYPE_CHECKING:  # what type checkers, IDEs and the API docs see
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'purifyguard' has no attribute {name!r}")
-    importlib.import_module("purifyguard.presets")  # the bundled purifiers join the registry
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value  # later lookups skip this function
     return value

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from purifyguard import __version__
+from purifyguard.version import __version__
 
 LIST_DESCRIPTION = """\
 The registered purifiers, one a line: name, "(default)" where it is the default for classifiers

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from purifyguard.files import read_json, write_json
+from purifyguard.samplers import get_sampler, sampler_names
 from purifyguard.validation import check_bool, check_int
 
 CONFIG_VERSION = 1
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim")  # the built-in samplers; others join with register_sampler
 GUIDANCE_MODES = ("none", "pixel", "adversarial")
 GRADIENT_MODES = ("full", "bpda", "surrogate")
 SCALE_SCHEDULES = ("variance", "constant")
@@ -29,7 +30,8 @@ class PurifierConfig:
 
     t_star: purification level, an integer diffusion step in [0, T]; t_star = 0 is the identity.
     sampler: "ddpm" (t_star ancestral steps) or "ddim" (n_steps steps on a sub-sequence, with eta;
-        n_steps None means min(10, t_star)).
+        n_steps None means min(10, t_star)), or any name registered with
+        purifyguard.samplers.register_sampler.
     guidance: "none" (DiffPure-style), "pixel" (GDMP-style) or "adversarial" (AGDM).
     guidance_scale: s in  mean <- mean - s_t * grad L;  s_t = s * (1 - abar_t / abar_prev) for the
         "variance" schedule (beta_t for one DDPM step), s_t = s for "constant".
@@ -76,7 +78,7 @@ class PurifierConfig:
         """Denoiser evaluations of one purification."""
         if self.t_star == 0:
             return 0
-        return self.t_star if self.sampler == "ddpm" else self.ddim_steps
+        return get_sampler(self.sampler).n_evaluations(self.t_star, self.ddim_steps)
 
     @property
     def ddim_steps(self) -> int:
@@ -87,13 +89,13 @@ class PurifierConfig:
         """Raise ValueError naming the first setting of the wrong type or out of range."""
         for name, kind in _FIELD_TYPES.items():
             _check_type(name, getattr(self, name), kind)
-        _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_choice("sampler", self.sampler, sampler_names())
         _check_choice("guidance", self.guidance, GUIDANCE_MODES)
         _check_choice("gradient_mode", self.gradient_mode, GRADIENT_MODES)
         _check_choice("scale_schedule", self.scale_schedule, SCALE_SCHEDULES)
         _check_choice("guidance_on", self.guidance_on, GUIDANCE_INPUTS)
         _check_choice("distance", self.distance, DISTANCES)
-        _check_choice("surrogate_sampler", self.surrogate_sampler, SAMPLERS)
+        _check_choice("surrogate_sampler", self.surrogate_sampler, sampler_names())
         if self.t_star < 0:
             raise ValueError(f"t_star must be a non-negative integer step, got {self.t_star!r}")
         if num_train_timesteps is not None and self.t_star > num_train_timesteps:
@@ -101,7 +103,7 @@ class PurifierConfig:
                 f"t_star={self.t_star} is out of range: the schedule has "
                 f"{num_train_timesteps} steps, so t_star must lie in [0, {num_train_timesteps}]"
             )
-        if self.n_steps is not None or self.sampler == "ddim":
+        if self.n_steps is not None or get_sampler(self.sampler).uses_n_steps:
             # Checked under ddpm too: a value that a later switch to ddim would use must be valid.
             _check_steps("n_steps", self.ddim_steps, self.t_star)
         if not 0.0 <= self.eta <= 1.0:
@@ -118,7 +120,8 @@ class PurifierConfig:
         if self.surrogate_steps < 1:
             raise ValueError(f"surrogate_steps must be >= 1, got {self.surrogate_steps!r}")
         if self.gradient_mode == "surrogate":
-            surrogate_nfe = self.t_star if self.surrogate_sampler == "ddpm" else self.surrogate_steps
+            surrogate_nfe = get_sampler(self.surrogate_sampler).n_evaluations(
+                self.t_star, self.surrogate_steps)
             _check_steps("surrogate_steps", surrogate_nfe, self.t_star)
         if not 0 <= self.noise_seed < 2**63:
             raise ValueError(f"noise_seed must be an integer in [0, 2**63), got {self.noise_seed!r}")

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from purifyguard.config import PurifierConfig
 from purifyguard.guidance import build_guidance
 from purifyguard.hub import PurifierHubMixin
-from purifyguard.samplers import ddim_step, ddpm_step, reverse_indices
+from purifyguard.samplers import get_sampler
 from purifyguard.schedule import NoiseSchedule
 from purifyguard.validation import check_images, check_int
 
@@ -196,9 +196,10 @@ class Purifier(PurifierHubMixin, nn.Module):
         if self._guided():
             parts = [self.guidance.prepare(x[rows]) for rows in chunks]
             target = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-        steps = reverse_indices(config.sampler, config.t_star, config.ddim_steps)
+        sampler = get_sampler(config.sampler)
+        steps = sampler.indices(config.t_star, config.ddim_steps)
         x_t = self.schedule.add_noise(2 * x - 1, _randn(x, generator), steps[0][0])
-        stochastic = config.sampler == "ddpm" or config.eta > 0
+        stochastic = sampler.stochastic(config.eta)
         for index, prev in steps:
             noise = _randn(x, generator) if stochastic and prev >= 0 else None
             if graph and config.checkpointing:
@@ -244,10 +245,8 @@ class Purifier(PurifierHubMixin, nn.Module):
                 gradient = torch.autograd.grad(loss, x_t, create_graph=graph)[0]
             if not graph:
                 x_t, eps_hat = x_t.detach(), eps_hat.detach()
-        if config.sampler == "ddpm":
-            mean, std = ddpm_step(self.schedule, x_t, eps_hat, index, prev)
-        else:
-            mean, std = ddim_step(self.schedule, x_t, eps_hat, index, prev, config.eta)
+        mean, std = get_sampler(config.sampler).step(
+            self.schedule, x_t, eps_hat, index, prev, config.eta)
         if guided:
             mean = mean - self._step_scale(x_t, index, prev, config) * gradient
         return mean if noise is None else mean + std * noise

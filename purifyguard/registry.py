@@ -1,13 +1,13 @@
 """Named, registered purifiers, and the choice of a default for a classifier's input.
 
-Reading the registry is light: the purifier code (torch, diffusers) loads only when a purifier
-does, so `purifyguard list` answers at once. The bundled purifiers (purifyguard.presets) join
-the registry before any lookup.
+The registry is a table that others fill (timm's `register_model` pattern): the built-in entries
+come from purifyguard.presets, which the package imports first, and users add theirs with
+`register_purifier`. Reading it is light: the purifier code (torch, diffusers) loads only when a
+purifier does, so `purifyguard list` answers at once.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,18 +45,12 @@ def register_purifier(
     return decorate
 
 
-def _with_bundled() -> dict[str, RegisteredPurifier]:
-    """The registry, the bundled purifiers included (importing presets registers them once)."""
-    importlib.import_module("purifyguard.presets")
-    return _REGISTRY
-
-
 def list_purifiers() -> list[str]:
-    return sorted(_with_bundled())
+    return sorted(_REGISTRY)
 
 
 def registered(name: str) -> RegisteredPurifier:
-    if name not in _with_bundled():
+    if name not in _REGISTRY:
         raise ValueError(f"no purifier registered as {name!r}; registered: {list_purifiers()}")
     return _REGISTRY[name]
 
@@ -72,7 +66,7 @@ def load_purifier(spec: Purifier | str | Path) -> Purifier:
             f"purifier must be a Purifier, a registered name, a folder or a Hub repo id, "
             f"got {type(spec).__name__}"
         )
-    if str(spec) in _with_bundled():
+    if str(spec) in _REGISTRY:
         return _REGISTRY[str(spec)].load()
     if Path(spec).exists() or str(spec).count("/") == 1:
         return Purifier.from_pretrained(str(spec))
@@ -89,7 +83,7 @@ def default_purifier_name(channels: int | None, resolution: int | None) -> str:
     states a resolution, the two are within a factor of two of each other.
     """
     matches = [
-        entry for entry in _with_bundled().values()
+        entry for entry in _REGISTRY.values()
         if entry.default and entry.channels == channels
         and (resolution is None or 0.5 <= resolution / entry.resolution <= 2)
     ]
@@ -103,40 +97,3 @@ def default_purifier_name(channels: int | None, resolution: int | None) -> str:
             "explicitly: PurifiedModel(clf, purifier=<Purifier, name, folder or Hub repo id>)"
         )
     return matches[0].name
-
-
-@register_purifier(
-    "cifar10-ddpm", channels=3, resolution=32, default=True,
-    description="Unguided DDPM purification at t*=100 with google/ddpm-cifar10-32 (downloaded "
-    "from the Hub on first use)",
-)
-def _cifar10_ddpm() -> Purifier:
-    from purifyguard.purifier import Purifier
-
-    return Purifier.from_diffusers(
-        "google/ddpm-cifar10-32", t_star=100, training_data="CIFAR-10 (training split)"
-    )
-
-
-def _cifar10_recipe(name: str, description: str) -> None:
-    """Register a recipe of purifyguard.cifar10 (loaded, with its imports, only when used)."""
-
-    def load() -> Purifier:
-        from purifyguard.cifar10 import load_cifar10_purifier
-
-        return load_cifar10_purifier(name)
-
-    register_purifier(name, channels=3, resolution=32, description=description)(load)
-
-
-_cifar10_recipe(
-    "cifar10-agdm",
-    "Adversarially guided purification (AGDM) at t*=100, 10 DDIM steps: google/ddpm-cifar10-32 "
-    "guided by RobustBench's TRADES WideResNet-34-10 (Zhang2019Theoretically, L-inf); both "
-    "downloaded on first use, robustbench needed (docs/cifar10.md)",
-)
-_cifar10_recipe(
-    "cifar10-agdm-l2",
-    "cifar10-agdm for L2 at t*=75: guided by RobustBench's TRADES WideResNet-28-10 "
-    "(Rebuffi2021Fixing_28_10_cutmix_ddpm, L2); both downloaded on first use (docs/cifar10.md)",
-)

@@ -66,7 +66,7 @@ def build_report(
     device: str, seconds: float,
 ) -> dict[str, Any]:
     """Aggregate the finished batches into one record per model x attack."""
-    from purifyguard import __version__
+    from purifyguard.version import __version__
 
     n_batches = -(-settings["n"] // settings["batch_size"])
     rows = []

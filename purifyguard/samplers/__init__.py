@@ -1,18 +1,26 @@
-"""Reverse-process samplers: which steps to visit, and one step's mean and noise scale.
+"""Reverse-process samplers, registered by name (purifyguard.samplers.registry).
 
-A sampler step maps x_t (at step index `index`) to the mean and standard deviation of x_prev
-(at `prev`, where -1 is clean data). Guidance shifts the mean; the purifier adds std * noise.
+Importing the package registers the built-ins, DDPM and DDIM, one file each next to its equation.
 """
 
-from purifyguard.samplers.ddim import ddim_indices, ddim_step
-from purifyguard.samplers.ddpm import ddpm_indices, ddpm_step
+from purifyguard.samplers.ddim import DDIMSampler, ddim_indices, ddim_step
+from purifyguard.samplers.ddpm import DDPMSampler, ddpm_indices, ddpm_step
+from purifyguard.samplers.registry import (
+    Sampler,
+    get_sampler,
+    register_sampler,
+    sampler_names,
+    unregister_sampler,
+)
 
 
 def reverse_indices(sampler: str, t_star: int, n_steps: int | None) -> list[tuple[int, int]]:
     """(index, prev) pairs from t* - 1 down to clean data."""
-    if sampler == "ddpm":
-        return ddpm_indices(t_star)
-    return ddim_indices(t_star, n_steps)
+    return get_sampler(sampler).indices(t_star, t_star if n_steps is None else n_steps)
 
 
-__all__ = ["ddim_indices", "ddim_step", "ddpm_indices", "ddpm_step", "reverse_indices"]
+__all__ = [
+    "DDIMSampler", "DDPMSampler", "Sampler", "ddim_indices", "ddim_step", "ddpm_indices",
+    "ddpm_step", "get_sampler", "register_sampler", "reverse_indices", "sampler_names",
+    "unregister_sampler",
+]

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from purifyguard.schedule import NoiseSchedule
+from purifyguard.samplers.registry import Sampler, register_sampler
+
+if TYPE_CHECKING:
+    from purifyguard.schedule import NoiseSchedule
 
 
 def ddim_indices(t_star: int, n_steps: int) -> list[tuple[int, int]]:
@@ -30,3 +35,19 @@ def ddim_step(
     direction = (1 - abar_prev - sigma**2).clamp(min=0).sqrt()
     mean = abar_prev.sqrt() * x0_hat + direction * eps_hat
     return mean, sigma
+
+
+@register_sampler("ddim")
+class DDIMSampler(Sampler):
+    """n_steps steps on a sub-sequence of [0, t*]; noise only where eta > 0."""
+
+    uses_n_steps = True
+
+    def indices(self, t_star: int, n_steps: int) -> list[tuple[int, int]]:
+        return ddim_indices(t_star, n_steps)
+
+    def step(self, schedule, x_t, eps_hat, index, prev, eta):
+        return ddim_step(schedule, x_t, eps_hat, index, prev, eta)
+
+    def stochastic(self, eta: float) -> bool:
+        return eta > 0

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from purifyguard.schedule import NoiseSchedule
+from purifyguard.samplers.registry import Sampler, register_sampler
+
+if TYPE_CHECKING:
+    from purifyguard.schedule import NoiseSchedule
 
 
 def ddpm_indices(t_star: int) -> list[tuple[int, int]]:
@@ -26,3 +31,17 @@ def ddpm_step(
     mean = (x_t - beta_t / (1 - abar_t).sqrt() * eps_hat) / alpha_t.sqrt()
     variance = beta_t * (1 - abar_prev) / (1 - abar_t)
     return mean, variance.sqrt()
+
+
+@register_sampler("ddpm")
+class DDPMSampler(Sampler):
+    """Every step below t*, each adding noise (eta does not apply)."""
+
+    def indices(self, t_star: int, n_steps: int) -> list[tuple[int, int]]:
+        return ddpm_indices(t_star)
+
+    def step(self, schedule, x_t, eps_hat, index, prev, eta):
+        return ddpm_step(schedule, x_t, eps_hat, index, prev)
+
+    def stochastic(self, eta: float) -> bool:
+        return True
