@@ -2,14 +2,17 @@
 
     python scripts/save_training_state.py runs/trades-v2 training-state/trades-v2
 
-Copies the newest intact checkpoint (safetensors and JSON only: the model, optimizer, schedule,
-EMA and random states, with the manifest written last), metrics.jsonl (the learning curve a
-resumed run keeps), the best validated network (best/, best.json), the export (final/) when
-they exist, and args.json (the run's options, which scripts/bundle_fashion_mnist.py reads)
-with the folders of the machine that ran it replaced by placeholders. Left behind: older
-checkpoints and tracker logs. To go on: copy the folder back to a run folder and repeat the run's
-command with --resume (and the same options). A finished run (--finished) keeps no checkpoint:
-only its curve, best network and export.
+A run in progress: the newest intact checkpoint (safetensors and JSON only: the model,
+optimizer, schedule, EMA and random states, with the manifest written last), metrics.jsonl (the
+learning curve a resumed run keeps), the best validated network so far (best/, best.json) and
+args.json (the run's options) with the folders of the machine that ran it replaced by
+placeholders. Left behind: older checkpoints and tracker logs. To go on: copy the folder back to
+a run folder and repeat the run's command with --resume (and the same options).
+
+A finished run (--finished) keeps its record and no weights: args.json, metrics.jsonl,
+best.json, and from its export (final/) the model card (model-card.md), its metrics
+(final-metrics.json) and learning curve (learning_curve.png). Its weights are the bundled model
+or a superseded one; history keeps the latter.
 """
 
 from __future__ import annotations
@@ -32,12 +35,17 @@ def save_training_state(run: Path, destination: Path, finished: bool = False) ->
         raise SystemExit(f"{run}: no intact checkpoint to copy")
     if destination.exists():
         shutil.rmtree(destination)
+    copies = {name: name for name in ("metrics.jsonl", "best.json")}
+    if finished:
+        copies |= {"final/README.md": "model-card.md", "final/metrics.json": "final-metrics.json",
+                   "final/learning_curve.png": "learning_curve.png"}
+    else:
+        copies |= {str(newest.relative_to(run)): str(newest.relative_to(run)), "best": "best"}
     copied = []
-    for source in [*([newest] if newest else []), run / "metrics.jsonl", run / "best", run / "best.json",
-                   run / "final"]:
+    for name, copy_name in copies.items():
+        source, target = run / name, destination / copy_name
         if not source.exists():
             continue
-        target = destination / source.relative_to(run)
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
             shutil.copytree(source, target)
@@ -56,7 +64,8 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="the run's --output-dir")
     parser.add_argument("destination", type=Path, help="folder to write (replaced)")
     parser.add_argument("--finished", action="store_true",
-                        help="the run is over: copy no checkpoint, only the curve, best/ and final/")
+                        help="the run is over: copy its record (options, curve, model card, "
+                        "metrics), no weights")
     args = parser.parse_args()
     for path in save_training_state(args.run, args.destination, args.finished):
         print(args.destination / path)

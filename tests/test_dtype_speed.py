@@ -1,4 +1,4 @@
-"""benchmarks/dtype_speed.py: its arguments are checked before any model loads, and a tiny run on
+"""benchmarks/experiments/dtype_speed.py: its arguments are checked before any model loads, and a tiny run on
 the bundled purifier prints float32 against bfloat16 with the reference's own row exact."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "experiments"))
 
 import dtype_speed
 

@@ -1,7 +1,7 @@
 """Outputs made without a graph are ordinary tensors, and inference mode would change no value.
 
 The library runs its no-graph work under torch.no_grad(), not torch.inference_mode():
-benchmarks/inference_mode.py found no consistent gain (docs/performance.md, "Inference mode"),
+benchmarks/experiments/inference_mode.py found no consistent gain (docs/performance.md, "Inference mode"),
 and inference tensors cannot be saved for backward, so a user who purifies without a graph and
 then puts the result into one would hit an error. These tests keep that promise, and check that a
 user who wraps an unguided purification or a classification in inference mode gets the same

@@ -1,7 +1,7 @@
 """What torch.inference_mode() buys over torch.no_grad() where no graph is wanted.
 
-    python benchmarks/inference_mode.py                 # batch 64, 5 repeats, 1 thread (~1.5 min)
-    python benchmarks/inference_mode.py --purifier fashion-mnist-ddpm --batch 32 --repeats 9
+    python benchmarks/experiments/inference_mode.py                 # batch 64, 5 repeats, 1 thread (~1.5 min)
+    python benchmarks/experiments/inference_mode.py --purifier fashion-mnist-ddpm --batch 32 --repeats 9
 
 Two calls that never need autograd, each timed under both modes through the public API:
 1. purify: Purifier.purify(x, seed=0) of the unguided bundled purifier (default

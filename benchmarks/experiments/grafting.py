@@ -1,7 +1,7 @@
 """Gradient grafting against plain EOT on a real purifier: cost, direction and attack strength.
 
-    python benchmarks/grafting.py                       # cost and direction, about 10 minutes
-    python benchmarks/grafting.py --attack-images 16    # plus the attacks (an hour or more)
+    python benchmarks/experiments/grafting.py                       # cost and direction, about 10 minutes
+    python benchmarks/experiments/grafting.py --attack-images 16    # plus the attacks (an hour or more)
 
 On the bundled classifier behind a purifier (default fashion-mnist-agdm: latent guidance, full
 gradient), for the first --images bundled test images:

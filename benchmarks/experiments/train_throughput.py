@@ -1,6 +1,6 @@
 """Training throughput (images/s) of each routine on this machine, one process against two.
 
-    PURIFYGUARD_FASHION_MNIST=/path/to/idx python benchmarks/train_throughput.py --steps 5
+    PURIFYGUARD_FASHION_MNIST=/path/to/idx python benchmarks/experiments/train_throughput.py --steps 5
 
 Each routine runs --steps optimizer steps on Fashion-MNIST (1x28x28) under
 `accelerate launch --num_processes N` (N = 1, 2; --multi_gpu, which on a machine without a GPU

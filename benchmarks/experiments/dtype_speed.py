@@ -1,8 +1,8 @@
 """Reduced precision for the purifier: speed, memory and what it changes, float32 against bfloat16
 and float16 networks, side by side in one process.
 
-    python benchmarks/dtype_speed.py --purifier fashion-mnist-agdm            # GPU if present
-    python benchmarks/dtype_speed.py --purifier <folder> --classifier <folder> \\
+    python benchmarks/experiments/dtype_speed.py --purifier fashion-mnist-agdm            # GPU if present
+    python benchmarks/experiments/dtype_speed.py --purifier <folder> --classifier <folder> \\
         --data-root <fashion-mnist folder> --clean-n 10000 --json dtype.json
 
 The purifier's networks are loaded with `Purifier.from_pretrained(folder, torch_dtype=...)`; the

@@ -11,8 +11,8 @@ steps, each covering its CE and DLR runs; square: queries), and the peak residen
 attack added (VmHWM after resetting the peak through /proc/self/clear_refs, Linux; elsewhere the
 column reads n/a). Full gradients are timed with and without per-step checkpointing.
 
-    python benchmarks/attack_speed.py                 # batch 16, 3 steps, 50 queries
-    python benchmarks/attack_speed.py --steps 1 --queries 10 --batch 8   # a quick smoke run
+    python benchmarks/experiments/attack_speed.py                 # batch 16, 3 steps, 50 queries
+    python benchmarks/experiments/attack_speed.py --steps 1 --queries 10 --batch 8   # a quick smoke run
 """
 
 from __future__ import annotations

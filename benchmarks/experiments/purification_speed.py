@@ -21,8 +21,8 @@ reset, a process's high-water mark from importing the libraries can hide a small
 clear_refs cannot be written, the script falls back to resource.getrusage ru_maxrss deltas and
 says so. Freed memory the allocator keeps resident still counts, so read it as an upper bound.
 
-    python benchmarks/purification_speed.py            # the full default run (several minutes)
-    python benchmarks/purification_speed.py --quick    # a smoke run in well under a minute
+    python benchmarks/experiments/purification_speed.py            # the full default run (several minutes)
+    python benchmarks/experiments/purification_speed.py --quick    # a smoke run in well under a minute
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What a denoiser architecture costs in the hot path, before any training: candidates side by side.
 
-    python benchmarks/denoiser_cost.py                      # the Fashion-MNIST candidates below
-    python benchmarks/denoiser_cost.py --batch 16 --repeats 5 --threads 2
+    python benchmarks/experiments/denoiser_cost.py                      # the Fashion-MNIST candidates below
+    python benchmarks/experiments/denoiser_cost.py --batch 16 --repeats 5 --threads 2
 
 For each candidate UNet2DModel (random weights: cost does not depend on them) it prints the
 parameters, GFLOP per image of one call (torch.utils.flop_counter), and, behind the bundled

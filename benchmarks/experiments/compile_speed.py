@@ -1,7 +1,7 @@
 """What Purifier.compile_denoiser() buys: eager against compiled, side by side in one process.
 
-    python benchmarks/compile_speed.py                  # bundled fashion-mnist-agdm, batch 32
-    python benchmarks/compile_speed.py --purifier <folder> --batch 64 --repeats 5 --threads 2
+    python benchmarks/experiments/compile_speed.py                  # bundled fashion-mnist-agdm, batch 32
+    python benchmarks/experiments/compile_speed.py --purifier <folder> --batch 64 --repeats 5 --threads 2
 
 Both purifiers share the same weights; their forward passes (purify with a fixed seed, no
 gradient) alternate, eager, compiled, eager, ..., so drift of a shared machine hits both alike.
