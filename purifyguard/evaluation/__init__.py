@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> the module that defines it
 _EXPORTS = {
+    "Attack": "purifyguard.evaluation.attack_registry",
     "AttackSpec": "purifyguard.evaluation.attacks",
     "OutputFolderInUse": "purifyguard.evaluation.harness",
     "build_defences": "purifyguard.evaluation.compare",
@@ -26,12 +27,15 @@ _EXPORTS = {
     "evaluate_models": "purifyguard.evaluation.harness",
     "markdown_table": "purifyguard.evaluation.report",
     "parse_attack": "purifyguard.evaluation.attacks",
+    "register_attack": "purifyguard.evaluation.attack_registry",
+    "registered_attacks": "purifyguard.evaluation.attack_registry",
     "run_sanity_checks": "purifyguard.evaluation.sanity",
     "validate_report": "purifyguard.evaluation.report",
     "wilson_interval": "purifyguard.evaluation.stats",
 }
 
 __all__ = [
+    "Attack",
     "AttackSpec",
     "OutputFolderInUse",
     "build_defences",
@@ -41,12 +45,15 @@ __all__ = [
     "evaluate_models",
     "markdown_table",
     "parse_attack",
+    "register_attack",
+    "registered_attacks",
     "run_sanity_checks",
     "validate_report",
     "wilson_interval",
 ]
 
 if TYPE_CHECKING:  # what type checkers, IDEs and the API docs see
+    from purifyguard.evaluation.attack_registry import Attack, register_attack, registered_attacks
     from purifyguard.evaluation.attacks import AttackSpec, default_attacks, parse_attack
     from purifyguard.evaluation.compare import build_defences, compare
     from purifyguard.evaluation.harness import OutputFolderInUse, evaluate, evaluate_models

@@ -1,13 +1,7 @@
-"""Named attack settings and how each one runs against a model from [0, 1] images to logits.
-
-| kind            | what it does                                                  | gradient       |
-|-----------------|---------------------------------------------------------------|----------------|
-| apgd-eot        | APGD with EOT, CE/margin restarts, selection on fresh draws   | full/surrogate |
-| pgd             | PGD with EOT through the whole purified model                 | full/surrogate |
-| autoattack-rand | torchattacks AutoAttack version="rand": APGD-CE + APGD-DLR, EOT | full/surrogate |
-| bpda            | PGD with EOT, the purifier's backward replaced by the identity | bpda          |
-| transfer        | PGD crafted on the undefended classifier, replayed on the defence | transfer     |
-| square          | Square attack, queries only                                    | black-box     |
+"""Named attack settings (AttackSpec, parse_attack) and how each one runs against a model from
+[0, 1] images to logits. The kinds, and what differs between them, are the registered Attacks of
+attack_registry.py (apgd-eot, pgd, autoattack-rand, bpda, transfer, square and any added with
+register_attack).
 """
 
 from __future__ import annotations
@@ -18,38 +12,31 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torchattacks
 from torch import nn
 
 from purifyguard.config import SAMPLERS
-from purifyguard.evaluation.apgd import (
-    CANDIDATES_PER_RESTART,
-    CHECKPOINT_SHRINK,
-    FIRST_CHECKPOINT,
-    LOSS_PLANS,
-    MIN_CHECKPOINT,
-    RANDOMISED_INITIAL_STEP,
-    RANDOMISED_REVIEW,
-    RHO,
-    apgd_eot,
-    default_restarts,
-)
-from purifyguard.evaluation.arguments import (
-    check_name,
+from purifyguard.evaluation.apgd import LOSS_PLANS, default_restarts
+from purifyguard.evaluation.arguments import check_name
+from purifyguard.evaluation.attack_registry import (
+    APGD_KEYS,
+    ATTACKS,
+    REFERENCE_APGD_STEPS,
+    REFERENCE_EOT,
+    REFERENCE_SQUARE_QUERIES,
+    REFERENCE_STEPS,
+    Attack,
+    Kinds,
+    registered_attacks,
 )
 from purifyguard.evaluation.em_weighting import EOT_WEIGHTINGS
-from purifyguard.evaluation.pgd import NORMS, eot_pgd
-from purifyguard.evaluation.seeds import derive_seed
+from purifyguard.evaluation.pgd import NORMS
 from purifyguard.evaluation.trace import AttackTrace
 from purifyguard.validation import check_bool, check_choice, check_int, check_number
 
-KINDS = ("apgd-eot", "pgd", "autoattack-rand", "bpda", "transfer", "square")
+KINDS = Kinds(lambda attack: True)  # the registered kinds, as they stand at each use
+# The attacks that call on_step once per gradient iteration (harness.py shows their steps).
+STEPPED_KINDS = Kinds(lambda attack: attack.stepped)
 GRADIENTS = ("full", "surrogate")
-# Reference settings of the protocol (docs/evaluation.md, "The protocol"; after Lee and Kim 2023).
-REFERENCE_STEPS = 200
-REFERENCE_EOT = 20
-REFERENCE_APGD_STEPS = 100  # AutoAttack's own iteration count for APGD
-REFERENCE_SQUARE_QUERIES = 5000
 
 
 @dataclass
@@ -97,14 +84,14 @@ class AttackSpec:
         """Check every field (ValueError naming it); numbers are stored as plain floats/ints."""
         where = f"attack {self.name or self.kind!r}: "
         try:
-            check_choice("kind", self.kind, KINDS)
+            check_choice("kind", self.kind, registered_attacks())
+            attack = self.attack
             if self.name is not None:
                 check_name("name", self.name)
             check_choice("norm", self.norm, NORMS)
             # eps = 0 is allowed: the no-attack point of an eps sweep (see sanity.py).
             self.eps = check_number("eps", self.eps, non_negative=True)
-            least = 1 if self.kind in ("autoattack-rand", "apgd-eot") else 0
-            self.steps = check_int("steps", self.steps, least)
+            self.steps = check_int("steps", self.steps, attack.min_steps)
             if self.step_size is not None:
                 self.step_size = check_number("step_size", self.step_size, positive=True)
             self.eot = check_int("eot", self.eot, 1)
@@ -116,9 +103,6 @@ class AttackSpec:
             self.n_queries = check_int("n_queries", self.n_queries, 1)
             if self.restarts is not None:
                 self.restarts = check_int("restarts", self.restarts, 1)
-            if self.kind == "apgd-eot" and self.n_restarts > self.steps:
-                raise ValueError(f"restarts must be <= steps ({self.steps}), each restart needs "
-                                 f"a gradient iteration, got {self.restarts}")
             check_choice("loss", self.loss, LOSS_PLANS)
             self.momentum = check_number("momentum", self.momentum, positive=True)
             if self.momentum > 1:
@@ -126,14 +110,25 @@ class AttackSpec:
             self.select_draws = check_int("select_draws", self.select_draws, 0)
             check_choice("eot_weighting", self.eot_weighting, EOT_WEIGHTINGS)
             check_bool("graft", self.graft)
-            if self.graft and self.kind != "apgd-eot":
-                raise ValueError(f"graft=True is an option of apgd-eot, not of {self.kind!r}")
+            if self.graft and "graft" not in attack.options:
+                owners = ", ".join(k for k, a in ATTACKS.items() if "graft" in a.options)
+                raise ValueError(f"graft=True is an option of {owners}, not of {self.kind!r}")
+            attack.validate(self)
         except ValueError as error:
             raise ValueError(where + str(error)) from None
         if self.name is None:
             self.name = self.kind
-        if self.kind in ("transfer", "square"):
-            self.eot = 1  # the undefended classifier and a query attack draw no noise to average
+        if not attack.uses_eot:
+            self.eot = 1  # e.g. the undefended classifier and a query attack: no noise to average
+
+    @property
+    def attack(self) -> Attack:
+        """The registered Attack of this kind (attack_registry.py)."""
+        try:
+            return ATTACKS[self.kind]
+        except KeyError:
+            raise ValueError(f"attack kind {self.kind!r} is not registered (any more); "
+                             f"registered: {registered_attacks()}") from None
 
     @property
     def label(self) -> str:
@@ -141,20 +136,18 @@ class AttackSpec:
 
     @property
     def alpha(self) -> float:
-        """The step size actually used (apgd-eot: the initial one)."""
+        """The step size actually used (apgd-eot: the initial one); by default the kind's
+        default_step times eps (eps / 4; apgd-eot 2 eps)."""
         if self.step_size is not None:
             return self.step_size
-        return 2 * self.eps if self.kind == "apgd-eot" else self.eps / 4
+        return self.attack.default_step * self.eps
 
     @property
     def gradient_mode(self) -> str:
         """What the attacker differentiates, as written in reports."""
-        if self.kind == "bpda":
-            return "bpda"
-        if self.kind == "transfer":
-            return "transfer from undefended"
-        if self.kind == "square":
-            return "black-box"
+        access = self.attack.access
+        if access != "white-box":
+            return {"transfer": "transfer from undefended"}.get(access, access)
         if self.gradient == "surrogate":
             return f"surrogate({self.surrogate_sampler}, {self.surrogate_steps} steps)"
         return "full"
@@ -162,13 +155,7 @@ class AttackSpec:
     @property
     def reduced(self) -> bool:
         """True when the setting is below the protocol's reference (to be reported as such)."""
-        if self.kind == "square":
-            return self.n_queries < REFERENCE_SQUARE_QUERIES
-        if self.kind == "transfer":
-            return self.steps < REFERENCE_STEPS
-        if self.kind == "autoattack-rand":
-            return self.steps < REFERENCE_APGD_STEPS or self.eot < REFERENCE_EOT
-        return self.steps < REFERENCE_STEPS or self.eot < REFERENCE_EOT
+        return self.attack.reduced(self)
 
     @property
     def n_restarts(self) -> int:
@@ -179,13 +166,7 @@ class AttackSpec:
     def gradient_evaluations(self) -> int:
         """Forward + backward passes per example through the attacked model (autoattack-rand:
         at most, it skips examples already misclassified; square: none)."""
-        if self.kind == "square":
-            return 0
-        if self.kind == "transfer":
-            return self.steps
-        if self.kind == "autoattack-rand":
-            return 2 * (self.steps + 1) * self.eot  # APGD-CE then APGD-DLR, start point included
-        return self.steps * self.gradient_evaluations_per_iteration
+        return self.attack.gradient_evaluations(self)
 
     @property
     def gradient_evaluations_per_iteration(self) -> int:
@@ -201,22 +182,22 @@ class AttackSpec:
     @property
     def selection_forward_passes(self) -> int:
         """Forward passes per example spent choosing among candidates on fresh draws."""
-        if self.kind != "apgd-eot":
-            return 0
-        return CANDIDATES_PER_RESTART * self.n_restarts * self.select_draws
+        return self.attack.selection_forward_passes(self)
 
     def replace(self, **changes: Any) -> AttackSpec:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        attack = self.attack
         return {
             "name": self.label, "kind": self.kind, "norm": self.norm, "eps": self.eps,
-            "steps": self.steps, "step_size": self.alpha, "eot": 1 if self.kind == "square" else self.eot,
+            "steps": self.steps, "step_size": self.alpha,
+            "eot": self.eot if attack.uses_eot else 1,
             # APGD and Square always start from a random point of their own.
-            "random_start": self.random_start or self.kind in ("autoattack-rand", "square"),
+            "random_start": self.random_start or attack.always_random_start,
             "gradient_mode": self.gradient_mode,
             "checkpointing": self.checkpointing,
-            "n_queries": self.n_queries if self.kind == "square" else None,
+            "n_queries": self.n_queries if "n_queries" in attack.options else None,
             "reduced": self.reduced,
             **self._apgd_settings(),
             "gradient_evaluations": self.gradient_evaluations,
@@ -225,22 +206,12 @@ class AttackSpec:
         }
 
     def _apgd_settings(self) -> dict[str, Any]:
-        """apgd-eot's own settings, None for every other kind."""
-        if self.kind != "apgd-eot":
-            return dict.fromkeys(APGD_KEYS)
-        return {
-            "restarts": self.n_restarts, "loss": self.loss, "momentum": self.momentum,
-            "select_draws": self.select_draws, "eot_weighting": self.eot_weighting,
-            "graft": self.graft,
-            "step_schedule": {
-                "initial_step": self.alpha, "first_checkpoint": FIRST_CHECKPOINT,
-                "checkpoint_shrink": CHECKPOINT_SHRINK, "min_checkpoint": MIN_CHECKPOINT,
-                "rho": RHO, "candidates_per_restart": CANDIDATES_PER_RESTART,
-                "randomised_review": RANDOMISED_REVIEW,
-                "randomised_initial_step": (self.step_size if self.step_size is not None
-                                            else RANDOMISED_INITIAL_STEP * self.eps),
-            },
-        }
+        """The kind's own settings (apgd-eot's), None for the keys it has none of."""
+        own = self.attack.own_settings(self)
+        if not set(own) <= set(APGD_KEYS):
+            raise ValueError(f"attack kind {self.kind!r}: own_settings may only set {APGD_KEYS}, "
+                             f"got {sorted(own)}")
+        return {**dict.fromkeys(APGD_KEYS), **own}
 
     def identity(self) -> dict[str, Any]:
         """The settings that make two attacks the same (batch keys): to_dict without the budget,
@@ -255,10 +226,6 @@ class AttackSpec:
         return settings
 
 
-APGD_KEYS = ("restarts", "loss", "momentum", "select_draws", "eot_weighting", "graft",
-             "step_schedule")
-
-
 def parse_attack(text: str) -> AttackSpec:
     """An AttackSpec from "kind" or "kind:key=value,key=value" (the command line's syntax).
 
@@ -269,8 +236,9 @@ def parse_attack(text: str) -> AttackSpec:
         raise ValueError(f"an attack string must be a str, got {type(text).__name__}")
     kind, _, rest = text.partition(":")
     kind = kind.strip()
-    if kind not in KINDS:
-        raise ValueError(f"attack kind must be one of {KINDS}, got {kind!r} in {text!r}")
+    if kind not in ATTACKS:
+        raise ValueError(f"attack kind must be one of {registered_attacks()}, got {kind!r} in "
+                         f"{text!r}")
     fields = {f.name: f for f in dataclasses.fields(AttackSpec)}
     known = sorted(set(fields) - {"kind"})
     values: dict[str, Any] = {}
@@ -331,18 +299,20 @@ def default_attacks(norm: str = "linf", eps: float = 0.1, steps: int = REFERENCE
 
 
 def attacked_model(spec: AttackSpec, model: nn.Module, undefended: nn.Module | None) -> nn.Module:
-    """The model whose gradients (or queries) the attack uses; the verdict always uses `model`."""
-    if spec.kind == "transfer":
+    """The model whose gradients (or queries) the attack uses, as its kind's access says; the
+    verdict always uses `model`."""
+    access = spec.attack.access
+    if access == "transfer":
         if undefended is None:
             raise ValueError(
-                "the transfer attack needs the undefended classifier: pass a PurifiedModel or "
+                f"the {spec.kind} attack needs the undefended classifier: pass a PurifiedModel or "
                 "undefended=<classifier on [0, 1] images>"
             )
         return undefended
-    if spec.kind == "square":
+    if access == "black-box":
         return model
     changes: dict[str, Any] = {}
-    if spec.kind == "bpda":
+    if access == "bpda":
         changes["gradient_mode"] = "bpda"
     elif spec.gradient == "surrogate":
         changes.update(gradient_mode="surrogate", surrogate_sampler=spec.surrogate_sampler,
@@ -360,10 +330,6 @@ def attacked_model(spec: AttackSpec, model: nn.Module, undefended: nn.Module | N
     return model.with_purifier(purifier.with_settings(**changes))
 
 
-# The attacks that run here one gradient iteration at a time (the others run in torchattacks).
-STEPPED_KINDS = ("apgd-eot", "pgd", "bpda", "transfer")
-
-
 def run_attack(
     spec: AttackSpec, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
     on_step: Callable[[], object] | None = None, trace: AttackTrace | None = None,
@@ -372,36 +338,4 @@ def run_attack(
     on_step: called after each gradient iteration of the STEPPED_KINDS attacks (progress bars);
     trace: filled with their crafting draws' answers per iteration (convergence curve)."""
     torch.manual_seed(seed)
-    if spec.kind == "apgd-eot":
-        return apgd_eot(
-            model, images, labels, eps=spec.eps, steps=spec.steps, eot=spec.eot, norm=spec.norm,
-            restarts=spec.n_restarts, loss=spec.loss, momentum=spec.momentum,
-            initial_step=spec.step_size, select_draws=spec.select_draws,
-            eot_weighting=spec.eot_weighting, graft=spec.graft, random_start=spec.random_start,
-            selection_seed=derive_seed(seed, "selection"), on_step=on_step, trace=trace,
-        )
-    if spec.kind in STEPPED_KINDS:
-        return eot_pgd(
-            model, images, labels, eps=spec.eps, step_size=spec.alpha, steps=spec.steps,
-            eot=spec.eot, norm=spec.norm, random_start=spec.random_start, on_step=on_step,
-            trace=trace,
-        )
-    norm = "Linf" if spec.norm == "linf" else "L2"
-    n_classes = _n_classes(model, images[:1])
-    if spec.kind == "autoattack-rand":
-        attack = torchattacks.AutoAttack(
-            model, norm=norm, eps=spec.eps, version="rand", n_classes=n_classes, seed=seed
-        )
-        for apgd in attack._autoattack.attacks:  # torchattacks fixes EOT 20 and 10 steps
-            apgd.steps, apgd.eot_iter = spec.steps, spec.eot
-    else:
-        attack = torchattacks.Square(
-            model, norm=norm, eps=spec.eps, n_queries=spec.n_queries, seed=seed
-        )
-    attack.set_device(images.device)
-    return attack(images, labels).detach()
-
-
-@torch.no_grad()
-def _n_classes(model: nn.Module, image: torch.Tensor) -> int:
-    return int(model(image).shape[-1])
+    return spec.attack.run(spec, model, images, labels, seed=seed, on_step=on_step, trace=trace)
