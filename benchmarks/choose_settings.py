@@ -124,7 +124,7 @@ def held_out_images(args: argparse.Namespace):
 
 def build_defences(args, settings) -> dict[str, torch.nn.Module]:
     from purifyguard import PurifiedModel, bundled_classifier
-    from purifyguard.hub import load_guidance_network
+    from purifyguard.guidance_network_format import load_guidance_network
     from purifyguard.registry import load_purifier
 
     classifier = (bundled_classifier() if args.classifier is None

@@ -140,7 +140,7 @@ def attack_specs(args: argparse.Namespace) -> list[AttackSpec]:
 
 
 def build_defences(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
-    from purifyguard.hub import load_guidance_network
+    from purifyguard.guidance_network_format import load_guidance_network
 
     classifier = (bundled_classifier() if args.classifier is None
                   else load_guidance_network(Path(args.classifier)))

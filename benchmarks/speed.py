@@ -52,7 +52,7 @@ WORKER = textwrap.dedent('''
     import purifyguard
     assert purifyguard.__file__.startswith(tree), purifyguard.__file__
     from pathlib import Path
-    from purifyguard.hub import load_guidance_network
+    from purifyguard.guidance_network_format import load_guidance_network
     from purifyguard.purified_model import PurifiedModel
     from purifyguard.registry import load_purifier
     from purifyguard.evaluation.pgd import eot_gradient
@@ -142,7 +142,7 @@ def stage_same_weights(folder: Path) -> tuple[Path, Path]:
     """This tree's bundled classifier and default purifier, copied with every network config in
     the older layout ({"library", "architecture", "kwargs"}), which both trees read."""
     from purifyguard.files import read_json, write_json
-    from purifyguard.hub import guidance_config
+    from purifyguard.guidance_network_format import guidance_config
 
     assets = ROOT / "purifyguard" / "assets"
     classifier = Path(shutil.copytree(assets / "classifiers" / "fashion-mnist-resnet18",

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from purifyguard.purifier import Purifier
 
 DENOISER = "google/ddpm-cifar10-32"
-# What from_diffusers fetches of the flat repository (purifyguard.hub.DIFFUSERS_FILES).
+# What from_diffusers fetches of the flat repository (purifyguard.diffusers_layout.DIFFUSERS_FILES).
 DENOISER_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json",
                   "model_index.json")
 TRAINING_DATA = "CIFAR-10 (training split)"

@@ -29,7 +29,7 @@ import torch
 import torchattacks
 
 from purifyguard import PurifiedModel, Purifier
-from purifyguard.hub import guidance_architecture, load_guidance_network
+from purifyguard.guidance_network_format import guidance_architecture, load_guidance_network
 from purifyguard.model_card import network_card
 from purifyguard.presets import ASSETS, bundled_test_images
 from purifyguard.provenance import portable_command, portable_record

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from purifyguard import PurifiedModel, Purifier, PurifierConfig
-from purifyguard.hub import create_guidance_network
+from purifyguard.guidance_network_format import create_guidance_network
 
 GUIDED = {"t_star": 4, "sampler": "ddim", "n_steps": 2, "guidance": "adversarial",
           "guidance_scale": 1.0}

@@ -26,7 +26,7 @@ from purifyguard.evaluation import (
     run_sanity_checks,
 )
 from purifyguard.evaluation import cli as evaluation_cli
-from purifyguard.hub import create_guidance_network, save_guidance_network
+from purifyguard.guidance_network_format import create_guidance_network, save_guidance_network
 
 ATTACK = "pgd:steps=1,eot=1"
 QUICK = {"n": 4, "batch_size": 4, "runs": 1, "progress": False}

@@ -19,7 +19,11 @@ from safetensors.torch import save_model
 
 from purifyguard import Purifier, PurifierConfig
 from purifyguard.guidance import AdversarialGuidance
-from purifyguard.hub import create_guidance_network, load_guidance_network, save_guidance_network
+from purifyguard.guidance_network_format import (
+    create_guidance_network,
+    load_guidance_network,
+    save_guidance_network,
+)
 from purifyguard.presets import ASSETS
 from purifyguard.registry import load_purifier
 

@@ -15,7 +15,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from huggingface_hub import HfApi, ModelCard
 
 from purifyguard import PurifiedModel, Purifier, load_purifier
-from purifyguard.hub import create_guidance_network
+from purifyguard.guidance_network_format import create_guidance_network
 from purifyguard.registry import default_purifier_name
 
 GUIDANCE_KWARGS = {"channels": (8, 16, 32, 64)}

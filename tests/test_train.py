@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from purifyguard import Purifier
 from purifyguard.data import fashion_mnist
-from purifyguard.hub import create_guidance_network, save_guidance_network
+from purifyguard.guidance_network_format import create_guidance_network, save_guidance_network
 from purifyguard.train import adapt, diffusion, guidance
 from purifyguard.train.options import parse_with_config
 from purifyguard.train.run import last_checkpoint, read_metrics

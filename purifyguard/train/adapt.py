@@ -114,7 +114,7 @@ def pgd_through_purifier(
 def main(argv: list[str] | None = None) -> None:
     args = parse_with_config(build_parser(), argv)
     # Heavy imports after parsing, so that --help answers at once.
-    from purifyguard.hub import load_guidance_network
+    from purifyguard.guidance_network_format import load_guidance_network
     from purifyguard.purifier import Purifier
     from purifyguard.registry import load_purifier
     from purifyguard.train.run import TrainingRun

@@ -133,7 +133,7 @@ def trades_loss(
 def main(argv: list[str] | None = None) -> None:
     args = parse_with_config(build_parser(), argv)
     # Heavy imports after parsing, so that --help answers at once.
-    from purifyguard.hub import (
+    from purifyguard.guidance_network_format import (
         create_guidance_network,
         load_guidance_network,
         save_guidance_network,

@@ -246,7 +246,7 @@ class Validator:
 
 
 def save_network(model: nn.Module, folder: Path) -> None:
-    from purifyguard.hub import save_guidance_network
+    from purifyguard.guidance_network_format import save_guidance_network
 
     save_guidance_network(model, folder)
 

@@ -1,0 +1,107 @@
+"""Folder safety: what a purifier folder may contain before anything in it is read.
+
+A purifier folder (local, or a Hub repository fetched through the Hub cache) has a fixed layout:
+purifier_config.json at the top and the component folders unet/, scheduler/ and guidance/. These
+checks run before a file of it is parsed: a pickle checkpoint in the layout's folders is refused
+(unpickling can run arbitrary code), a link may not lead out of the folder (a Hub snapshot's links
+into the cache's blobs/ are allowed) and a missing file is named with the layout it belongs to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+
+from purifyguard.files import check_inside
+
+PURIFIER_CONFIG = "purifier_config.json"
+UNET_DIR = "unet"
+SCHEDULER_DIR = "scheduler"
+GUIDANCE_DIR = "guidance"
+LAYOUT_DIRS = (UNET_DIR, SCHEDULER_DIR, GUIDANCE_DIR)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def resolve_folder(
+    repo_id_or_dir: str | Path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | None = None,
+    local_files_only: bool = False,
+    allow_patterns: list[str] | None = None,
+) -> Path:
+    """A local folder as it is, or a Hub repo id through snapshot_download (cache, revision,
+    HF_HUB_OFFLINE)."""
+    if not isinstance(repo_id_or_dir, (str, Path)) or not str(repo_id_or_dir).strip():
+        raise ValueError(
+            "expected a purifier folder or a Hub repo id of the form 'user/name', got "
+            f"{repo_id_or_dir!r}"
+        )
+    path = Path(repo_id_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    name = str(repo_id_or_dir)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(
+            f"{name!r} is not a folder, nor a Hub repo id of the form 'user/name'"
+        )
+    from purifyguard.version import __version__
+
+    return Path(snapshot_download(
+        name, revision=revision, cache_dir=cache_dir, token=token,
+        local_files_only=local_files_only, allow_patterns=allow_patterns,
+        library_name="purifyguard", library_version=__version__,
+    ))
+
+
+def refuse_pickles(folder: Path) -> None:
+    """ValueError if the folder or one of its component folders holds a pickle checkpoint:
+    purifyguard reads safetensors only. Only the layout's own folders are looked at, never
+    the whole tree under the folder."""
+    for part in (folder, *(folder / name for name in LAYOUT_DIRS)):
+        if not part.is_dir():
+            continue
+        for path in sorted(part.iterdir()):
+            if path.suffix.lower() in PICKLE_SUFFIXES and path.is_file():
+                raise ValueError(pickle_message(path.relative_to(folder), folder))
+
+
+def check_layout_inside(folder: Path) -> None:
+    """ValueError if a file of the layout is a link that leads out of the folder. A Hub
+    snapshot's files link into the cache's blobs/ folder, two levels up, which is allowed."""
+    snapshot = folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir()
+    root = folder.parent.parent if snapshot else folder
+    for part in (folder, *(folder / name for name in LAYOUT_DIRS)):
+        if part.exists():
+            check_inside(part, root, "folder")
+        if part.is_dir():
+            for path in part.iterdir():
+                check_inside(path, root)
+
+
+def require_file(path: Path) -> Path:
+    """The path, or FileNotFoundError naming the missing file."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"missing file {path.parent.name}/{path.name} (expected at {path}); a purifier "
+            f"folder holds {PURIFIER_CONFIG}, {UNET_DIR}/, {SCHEDULER_DIR}/ and optionally "
+            f"{GUIDANCE_DIR}/ (see docs/hub.md)"
+        )
+    return path
+
+
+def in_snapshot(folder: Path) -> bool:
+    """Whether the folder lies in a Hub cache snapshot (whose files link into its blobs/)."""
+    return any(parent.name == "snapshots" for parent in folder.parents)
+
+
+def pickle_message(relative: Path, folder: Path) -> str:
+    """The refusal of a pickle checkpoint, with how to re-save it."""
+    return (
+        f"refusing pickle checkpoint {relative.as_posix()} in {folder}: purifyguard loads "
+        "safetensors only, because unpickling can run arbitrary code. Re-save the weights "
+        "with safetensors (e.g. unet.save_pretrained(dir, safe_serialization=True)) and "
+        "remove the pickle file"
+    )
