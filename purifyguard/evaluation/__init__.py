@@ -29,7 +29,7 @@ _EXPORTS = {
     "parse_attack": "purifyguard.evaluation.attacks",
     "register_attack": "purifyguard.evaluation.attack_registry",
     "registered_attacks": "purifyguard.evaluation.attack_registry",
-    "run_sanity_checks": "purifyguard.evaluation.sanity",
+    "run_sanity_checks": "purifyguard.evaluation.harness",
     "validate_report": "purifyguard.evaluation.report",
     "wilson_interval": "purifyguard.evaluation.stats",
 }
@@ -56,9 +56,13 @@ if TYPE_CHECKING:  # what type checkers, IDEs and the API docs see
     from purifyguard.evaluation.attack_registry import Attack, register_attack, registered_attacks
     from purifyguard.evaluation.attacks import AttackSpec, default_attacks, parse_attack
     from purifyguard.evaluation.compare import build_defences, compare
-    from purifyguard.evaluation.harness import OutputFolderInUse, evaluate, evaluate_models
+    from purifyguard.evaluation.harness import (
+        OutputFolderInUse,
+        evaluate,
+        evaluate_models,
+        run_sanity_checks,
+    )
     from purifyguard.evaluation.report import markdown_table, validate_report
-    from purifyguard.evaluation.sanity import run_sanity_checks
     from purifyguard.evaluation.stats import wilson_interval
 
 

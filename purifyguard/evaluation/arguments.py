@@ -68,6 +68,35 @@ def check_model(name: str, value: Any, optional: bool = False) -> nn.Module | No
     return value
 
 
+def check_device(value: Any) -> torch.device | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, torch.device)):
+        raise ValueError(f"device must be a torch.device, a string such as 'cpu' or 'cuda:0', or "
+                         f"None, got {type(value).__name__}")
+    try:
+        return torch.device(value)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"device {value!r} is not a device: {error}") from None
+
+
+def check_undefended(value: Any, models: dict[str, nn.Module]) -> dict[str, nn.Module | None]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"undefended must be a dict of model name -> bare classifier (or None), got "
+            f"{type(value).__name__}"
+        )
+    unknown = sorted(set(value) - set(models), key=str)
+    if unknown:
+        raise ValueError(f"undefended names models that are not evaluated: {unknown}; "
+                         f"models: {sorted(models)}")
+    for name, model in value.items():
+        check_model(f"undefended[{name!r}]", model, optional=True)
+    return dict(value)
+
+
 def check_attack_list(value: Any, parse: Callable[[str], Any], spec_type: type) -> list | None:
     """None (the protocol's set), or a list of AttackSpec / attack strings; a single one is
     taken as a list of one."""

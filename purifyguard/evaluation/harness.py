@@ -5,6 +5,10 @@ when the run is repeated, and each batch's randomness comes from (seed, attack, 
 alone, so a resumed, sharded or uninterrupted run gives the same report. Launched with
 `accelerate launch`, the pending batches are split between the processes and their records are
 gathered before the report is built.
+
+The entry points evaluate, evaluate_models and run_sanity_checks check their arguments (the
+models once: what they hand on is not checked again). The sanity checks (sanity.py) get this
+module's evaluate function as an argument, so neither they nor report.py import the harness.
 """
 
 from __future__ import annotations
@@ -27,15 +31,18 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from purifyguard.evaluation.adversarial_files import save_adversarial, save_adversarial_grid
 from purifyguard.evaluation.arguments import (
     check_attack_list,
     check_class_names,
     check_data,
+    check_device,
     check_examples,
     check_model,
     check_models,
     check_name,
     check_output_dir,
+    check_undefended,
 )
 from purifyguard.evaluation.attacks import (
     STEPPED_KINDS,
@@ -46,21 +53,19 @@ from purifyguard.evaluation.attacks import (
     run_attack,
 )
 from purifyguard.evaluation.convergence import save_convergence_plot
-from purifyguard.evaluation.grid import save_grid
+from purifyguard.evaluation.example_selection import Data, fingerprint, select_examples
 from purifyguard.evaluation.pgd import perturbation_norm
 from purifyguard.evaluation.report import build_report, write_report
+from purifyguard.evaluation.sanity import sanity_checks, save_eps_sweep_plot
 from purifyguard.evaluation.seeds import derive_seed
 from purifyguard.evaluation.store import CLEAN, BatchStore, batch_key
 from purifyguard.evaluation.trace import AttackTrace
 from purifyguard.evaluation.verdict import predictions
-from purifyguard.files import check_inside, write_atomic
-from purifyguard.validation import check_bool, check_int, check_optional_int
+from purifyguard.validation import check_bool, check_int, check_number, check_optional_int
 
 logger = logging.getLogger(__name__)
 
-Data = Dataset | tuple[torch.Tensor, torch.Tensor]
 LOCK_FILE = ".lock"
-ADVERSARIAL_TENSOR = "adversarial"
 
 
 def evaluate(
@@ -102,12 +107,22 @@ def evaluate(
     check_model("model", model)
     check_name("model_name", model_name)
     check_model("undefended", undefended, optional=True)
-    return evaluate_models(
-        {model_name: model}, data, attacks, n=n, batch_size=batch_size, runs=runs, seed=seed,
-        output_dir=output_dir, resume=resume, undefended={model_name: undefended},
+    return _evaluate_checked(
+        model, data, attacks, n=n, batch_size=batch_size, runs=runs, seed=seed,
+        output_dir=output_dir, resume=resume, model_name=model_name, undefended=undefended,
         sanity=sanity, sanity_n=sanity_n, class_names=class_names, progress=progress,
         device=device,
     )
+
+
+def _evaluate_checked(model: nn.Module, data: Data, attacks: Sequence[AttackSpec | str] | None,
+                      *, model_name: str, undefended: nn.Module | None,
+                      **settings: Any) -> dict[str, Any]:
+    """evaluate after its checks of model, model_name and undefended: what evaluate runs, and
+    the evaluate function run_sanity_checks and _evaluate hand the sanity checks (whose model is
+    checked already)."""
+    return _evaluate_models({model_name: model}, data, attacks,
+                            undefended={model_name: undefended}, models_checked=True, **settings)
 
 
 def evaluate_models(
@@ -134,9 +149,27 @@ def evaluate_models(
     output folder is locked: a second evaluation into the same folder fails at once with
     OutputFolderInUse instead of computing every batch a second time.
     """
-    from purifyguard.evaluation.sanity import run_sanity_checks, save_eps_sweep_plot
+    return _evaluate_models(
+        models, data, attacks, n=n, batch_size=batch_size, runs=runs, seed=seed,
+        output_dir=output_dir, resume=resume, undefended=undefended, sanity=sanity,
+        sanity_n=sanity_n, class_names=class_names, progress=progress, device=device,
+        models_checked=False,
+    )
 
-    models = check_models(models)
+
+def _evaluate_models(
+    models: dict[str, nn.Module], data: Data, attacks: Sequence[AttackSpec | str] | None, *,
+    n: int = 512, batch_size: int = 64, runs: int = 10, seed: int = 0,
+    output_dir: str | Path | None = None, resume: bool = True,
+    undefended: dict[str, nn.Module | None] | None = None, sanity: bool = False,
+    sanity_n: int | None = None, class_names: Sequence[str] | None = None,
+    progress: bool = True, device: str | torch.device | None = None,
+    models_checked: bool = False,
+) -> dict[str, Any]:
+    """evaluate_models; models_checked: the models and undefended (one each) come from
+    _evaluate_checked, whose caller checked them, so they are not checked again."""
+    if not models_checked:
+        models = check_models(models)
     check_data(data)
     specs = check_attack_list(attacks, parse_attack, AttackSpec) or default_attacks()
     n = check_int("n", n, 1)
@@ -149,8 +182,8 @@ def evaluate_models(
     check_bool("progress", progress)
     sanity_n = check_optional_int("sanity_n", sanity_n, 1)
     class_names = check_class_names(class_names)
-    device = _check_device(device)
-    undefended = _check_undefended(undefended, models)
+    device = check_device(device)
+    undefended = dict(undefended) if models_checked else check_undefended(undefended, models)
     names = [spec.label for spec in specs]
     if len(set(names)) != len(names) or CLEAN in names:
         raise ValueError(f"attack names must be unique and not {CLEAN!r}, got {names}")
@@ -164,9 +197,41 @@ def evaluate_models(
         return _evaluate(models, images, labels, specs, batch_size=batch_size, runs=runs,
                          seed=seed, output_dir=output_dir, resume=resume, undefended=undefended,
                          sanity=sanity, sanity_n=sanity_n, class_names=class_names,
-                         progress=progress, state=state, run_sanity_checks=run_sanity_checks,
-                         save_eps_sweep_plot=save_eps_sweep_plot,
+                         progress=progress, state=state,
                          device=state.device if device is None else device)
+
+
+def run_sanity_checks(
+    model: nn.Module, data: tuple[torch.Tensor, torch.Tensor] | Dataset,
+    attacks: Sequence[AttackSpec | str] | None, *,
+    n: int = 64, batch_size: int = 64, runs: int = 5, seed: int = 0,
+    undefended: nn.Module | None = None, output_dir: str | Path | None = None,
+    resume: bool = True, large_eps: float | None = None, progress: bool = True,
+    device: str | torch.device | None = None,
+) -> list[dict[str, Any]]:
+    """Run the checks with the first gradient attack in `attacks` as the base (default: PGD at
+    the default setting); a list of {"check", "passed", "message", "values"}. The eps sweep's
+    values hold eps, robust_accuracy, its ci95 intervals, n, runs and the attack (a description
+    and its settings), everything save_eps_sweep_plot draws. Data is selected as by evaluate
+    (select_examples with `seed`). Arguments are checked first, as for evaluate."""
+    check_model("model", model)
+    check_data(data)
+    attacks = check_attack_list(attacks, parse_attack, AttackSpec) or []
+    n = check_int("n", n, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("runs", runs, 1)
+    check_int("seed", seed)
+    check_model("undefended", undefended, optional=True)
+    check_output_dir(output_dir)
+    check_bool("resume", resume)
+    check_bool("progress", progress)
+    if large_eps is not None:
+        large_eps = check_number("large_eps", large_eps, positive=True)
+    return sanity_checks(
+        model, data, attacks, evaluate=_evaluate_checked, n=n, batch_size=batch_size, runs=runs,
+        seed=seed, undefended=undefended, output_dir=output_dir, resume=resume,
+        large_eps=large_eps, progress=progress, device=device,
+    )
 
 
 class OutputFolderInUse(RuntimeError):
@@ -201,8 +266,7 @@ def _evaluate(
     models: dict[str, nn.Module], images: torch.Tensor, labels: torch.Tensor,
     specs: list[AttackSpec], *, batch_size: int, runs: int, seed: int, output_dir: Path | None,
     resume: bool, undefended: dict[str, nn.Module | None], sanity: bool, sanity_n: int | None,
-    class_names: Sequence[str] | None, progress: bool, state: PartialState, run_sanity_checks,
-    save_eps_sweep_plot, device: torch.device,
+    class_names: Sequence[str] | None, progress: bool, state: PartialState, device: torch.device,
 ) -> dict[str, Any]:
     settings = {
         "seed": seed, "n": len(labels), "batch_size": batch_size, "runs": runs,
@@ -231,12 +295,15 @@ def _evaluate(
     records.update({r["key"]: r for r in gather_object(new_records)})
     sanity_results = None
     if sanity:
+        # Everything but the sanity folder is checked already (models included: not again).
         sanity_results = {
-            name: run_sanity_checks(
-                model, (images, labels), specs, n=sanity_n or min(len(labels), 64),
-                batch_size=batch_size, runs=runs, seed=seed, undefended=undefended.get(name),
-                output_dir=None if output_dir is None else output_dir / "sanity" / name,
-                resume=resume, progress=progress, device=device,
+            name: sanity_checks(
+                model, (images, labels), specs, evaluate=_evaluate_checked,
+                n=sanity_n or min(len(labels), 64), batch_size=batch_size, runs=runs, seed=seed,
+                undefended=undefended.get(name),
+                output_dir=None if output_dir is None else check_output_dir(
+                    output_dir / "sanity" / name),
+                resume=resume, large_eps=None, progress=progress, device=device,
             )
             for name, model in models.items()
         }
@@ -249,7 +316,8 @@ def _evaluate(
         write_report(report, output_dir)
         for model_name, model in models.items():
             for spec in specs:
-                _grid(model, model_name, spec, images, labels, output_dir, seed, class_names)
+                save_adversarial_grid(model, model_name, spec, images, labels, output_dir, seed,
+                                      class_names)
         for model_name in models:
             save_convergence_plot(
                 report, model_name, Path(output_dir) / f"convergence-{model_name}.png")
@@ -259,35 +327,6 @@ def _evaluate(
                 title=f"{model_name}: robust accuracy against eps (sanity check)",
             )
     return report
-
-
-def _check_device(value: Any) -> torch.device | None:
-    if value is None:
-        return None
-    if not isinstance(value, (str, torch.device)):
-        raise ValueError(f"device must be a torch.device, a string such as 'cpu' or 'cuda:0', or "
-                         f"None, got {type(value).__name__}")
-    try:
-        return torch.device(value)
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(f"device {value!r} is not a device: {error}") from None
-
-
-def _check_undefended(value: Any, models: dict[str, nn.Module]) -> dict[str, nn.Module | None]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ValueError(
-            f"undefended must be a dict of model name -> bare classifier (or None), got "
-            f"{type(value).__name__}"
-        )
-    unknown = sorted(set(value) - set(models), key=str)
-    if unknown:
-        raise ValueError(f"undefended names models that are not evaluated: {unknown}; "
-                         f"models: {sorted(models)}")
-    for name, model in value.items():
-        check_model(f"undefended[{name!r}]", model, optional=True)
-    return dict(value)
 
 
 def _run_batches(
@@ -331,7 +370,7 @@ def _run_batches(
                 if trace.correct:
                     record["curve"] = trace.to_record()
                 if batch == 0 and output_dir is not None:
-                    _save_adversarial(output_dir, model_name, attack_name, x_adv)
+                    save_adversarial(output_dir, model_name, attack_name, x_adv)
                 x = x_adv
             verdict_seed = derive_seed(seed, "verdict", attack_name, batch)
             record["predictions"] = predictions(model, x, runs, verdict_seed).tolist()
@@ -342,103 +381,6 @@ def _run_batches(
                 bar.update()
         bar.close()
     return finished
-
-
-def select_examples(data: Data, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """n examples as (images in [0, 1], labels).
-
-    One rule: an (images, labels) pair and a data set with a `tensors()` method (purifyguard's
-    Fashion-MNIST and CIFAR test sets, whose first images already mix the classes) give their
-    first n, so "the first 512 Fashion-MNIST test images" stays what it says. Any other Dataset
-    (an ImageFolder, sorted by class, or your own) gives n examples drawn with `seed`,
-    stratified across its classes (as equal a share per class as the class sizes allow), in
-    class-interleaved order; all of it when n >= len(data). Labels come from the data set's
-    `targets` when it has them, else from reading every item once.
-    """
-    n = check_int("n", n, 1)
-    seed = check_int("seed", seed)
-    if isinstance(data, (tuple, list)):
-        images, labels = data
-        images, labels = images[:n], torch.as_tensor(labels[:n])
-    elif callable(getattr(data, "tensors", None)):  # purifyguard's data sets (not TensorDataset's)
-        images, labels = data.tensors(min(n, len(data)))
-    else:
-        rows = range(len(data)) if n >= len(data) else stratified_indices(data, n, seed)
-        pairs = [data[i] for i in rows]
-        if not all(isinstance(p, (tuple, list)) and len(p) >= 2 for p in pairs):
-            raise ValueError("data must yield (image, label) pairs")
-        if not all(isinstance(p[0], torch.Tensor) for p in pairs):
-            kind = next(type(p[0]).__name__ for p in pairs if not isinstance(p[0], torch.Tensor))
-            raise ValueError(f"data's images must be torch.Tensors (C, H, W), got {kind}")
-        shapes = {tuple(p[0].shape) for p in pairs}
-        if len(shapes) != 1:
-            raise ValueError(f"data's images differ in shape: {sorted(shapes)[:3]}")
-        try:
-            labels = torch.tensor([int(p[1]) for p in pairs])
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(f"data's labels must be integer class indices: {error}") from None
-        images = torch.stack([p[0] for p in pairs])
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-        raise ValueError(
-            "data's images must be floating point in [0, 1], got "
-            f"{getattr(images, 'dtype', type(images).__name__)}"
-        )
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"data's labels must be integer class indices, got dtype {labels.dtype}")
-    return images.float(), labels.long()
-
-
-def stratified_indices(data: Dataset, n: int, seed: int) -> list[int]:
-    """n indices of `data` drawn with `seed`, split across its classes as evenly as the class
-    sizes allow (the remainder goes to classes chosen by the seed), listed class by class in
-    turn: the first batch, and so the image grid, shows as many classes as it can."""
-    labels = _dataset_labels(data)
-    generator = torch.Generator().manual_seed(derive_seed(seed, "select-examples"))
-    classes = sorted(set(labels))
-    members = {c: [i for i, label in enumerate(labels) if label == c] for c in classes}
-    for c in classes:
-        order = torch.randperm(len(members[c]), generator=generator).tolist()
-        members[c] = [members[c][k] for k in order]
-    share = dict.fromkeys(classes, 0)
-    left = n
-    while left:
-        open_classes = [c for c in classes if share[c] < len(members[c])]
-        if left >= len(open_classes):
-            for c in open_classes:
-                share[c] += 1
-            left -= len(open_classes)
-        else:
-            chosen = torch.randperm(len(open_classes), generator=generator)[:left].tolist()
-            for k in chosen:
-                share[open_classes[k]] += 1
-            left = 0
-    picked = []
-    for rank in range(max(share.values())):
-        picked += [members[c][rank] for c in classes if rank < share[c]]
-    return picked
-
-
-def _dataset_labels(data: Dataset) -> list[int]:
-    targets = getattr(data, "targets", None)
-    if targets is not None and len(targets) == len(data):
-        raw = targets.tolist() if isinstance(targets, torch.Tensor) else list(targets)
-    else:
-        raw = []
-        for i in range(len(data)):
-            item = data[i]
-            if not isinstance(item, (tuple, list)) or len(item) < 2:
-                raise ValueError("data must yield (image, label) pairs")
-            raw.append(item[1])
-    try:
-        return [int(label) for label in raw]
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise ValueError(f"data's labels must be integer class indices: {error}") from None
-
-
-def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """A checksum of the evaluated examples, so a resumed run cannot silently mix data sets."""
-    data = images.detach().cpu().float().contiguous().numpy().tobytes()
-    return f"{_crc(data):08x}-{_crc(labels.cpu().numpy().tobytes()):08x}"
 
 
 def model_version(model: nn.Module) -> str:
@@ -485,59 +427,6 @@ def _undefended_of(model: nn.Module) -> nn.Module | None:
     if not hasattr(model, "with_purifier"):
         return None
     return model if model.purifier is None else model.with_purifier(None)
-
-
-def _adversarial_path(output_dir: str | Path, model_name: str, attack_name: str) -> Path:
-    """Where the first batch's adversarial images go: safetensors, never a pickle (a planted
-    pickle would run code when loaded)."""
-    return Path(output_dir) / "adversarial" / f"{model_name}--{attack_name}--batch0.safetensors"
-
-
-def _save_adversarial(output_dir, model_name: str, attack_name: str, x_adv: torch.Tensor) -> None:
-    from safetensors.torch import save
-
-    path = _adversarial_path(output_dir, model_name, attack_name)
-    write_atomic(path, save({ADVERSARIAL_TENSOR: x_adv.detach().cpu().float().contiguous()}))
-
-
-def _load_adversarial(path: Path, output_dir: str | Path, like: torch.Tensor) -> torch.Tensor:
-    """The stored adversarial batch, checked against the clean images it belongs to."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    check_inside(path, Path(output_dir), "adversarial image file")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(
-            f"adversarial image file {path} cannot be read ({error}); delete it or rerun with "
-            "resume=False (--no-resume)"
-        ) from None
-    adversarial = tensors.get(ADVERSARIAL_TENSOR)
-    if (adversarial is None or not adversarial.is_floating_point()
-            or adversarial.dim() != 4 or adversarial.shape[1:] != like.shape[1:]
-            or len(adversarial) < min(len(like), 1) or not torch.isfinite(adversarial).all()
-            or adversarial.min() < 0 or adversarial.max() > 1):
-        raise ValueError(
-            f"adversarial image file {path} does not hold a batch of images in [0, 1] shaped "
-            f"like the evaluated ones {tuple(like.shape[1:])}; delete it or rerun with resume=False "
-            "(--no-resume)"
-        )
-    return adversarial
-
-
-def _grid(model, model_name, spec, images, labels, output_dir, seed, class_names) -> None:
-    path = _adversarial_path(output_dir, model_name, spec.label)
-    if not path.exists():
-        return
-    adversarial = _load_adversarial(path, output_dir, images)
-    count = min(8, len(adversarial), len(images))
-    save_grid(
-        model, images[:count], adversarial[:count], labels[:count],
-        Path(output_dir) / f"grid-{model_name}-{spec.label}.png",
-        seed=derive_seed(seed, "grid", spec.label), class_names=class_names,
-        title=f"{model_name}: {spec.label} ({spec.norm}, eps={spec.eps:g}, {spec.gradient_mode})",
-    )
 
 
 def _crc(data: bytes | str) -> int:

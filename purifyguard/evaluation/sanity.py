@@ -20,11 +20,15 @@ accuracies on n examples, and at least one example.
 
 save_eps_sweep_plot draws check 1 as a PNG (robust accuracy against eps, the attack named);
 evaluate(..., sanity=True, output_dir=...) writes it as eps-sweep-<model>.png beside the grids.
+
+The public entry, run_sanity_checks, is in harness.py (purifyguard.evaluation.run_sanity_checks):
+it checks the arguments and runs sanity_checks below with the harness's own evaluate function,
+so that this module never imports the harness.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +36,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from purifyguard.evaluation.arguments import (
-    check_attack_list,
-    check_data,
-    check_examples,
-    check_model,
-    check_output_dir,
-)
-from purifyguard.evaluation.attacks import AttackSpec, parse_attack
+from purifyguard.evaluation.arguments import check_examples
+from purifyguard.evaluation.attacks import AttackSpec
+from purifyguard.evaluation.example_selection import select_examples
 from purifyguard.evaluation.gradient_check import gradient_check
 from purifyguard.evaluation.pgd import eot_gradient
 from purifyguard.evaluation.seeds import derive_seed, seed_everything
 from purifyguard.evaluation.stats import difference_tolerance
 from purifyguard.files import write_figure
-from purifyguard.validation import check_bool, check_int, check_number
 
 NEAR_ZERO = 0.05  # robust accuracy allowed under an unbounded attack
 MAX_ZERO_GRADIENT_FRACTION = 0.5
@@ -53,35 +51,22 @@ EPS_SWEEP_CHECK = "robust accuracy non-increasing in eps"
 CONVERGENCE_CHECK = "more steps never raise robust accuracy (convergence curve)"
 GRADIENT_CHECK_IMAGES = 8
 
+EvaluateFunction = Callable[..., dict[str, Any]]
 
-def run_sanity_checks(
+
+def sanity_checks(
     model: nn.Module, data: tuple[torch.Tensor, torch.Tensor] | Dataset,
-    attacks: Sequence[AttackSpec | str] | None, *,
-    n: int = 64, batch_size: int = 64, runs: int = 5, seed: int = 0,
-    undefended: nn.Module | None = None, output_dir: str | Path | None = None,
-    resume: bool = True, large_eps: float | None = None, progress: bool = True,
-    device: str | torch.device | None = None,
+    attacks: list[AttackSpec], *, evaluate: EvaluateFunction, n: int, batch_size: int,
+    runs: int, seed: int, undefended: nn.Module | None, output_dir: str | Path | None,
+    resume: bool, large_eps: float | None, progress: bool, device: str | torch.device | None,
 ) -> list[dict[str, Any]]:
-    """Run the checks with the first gradient attack in `attacks` as the base (default: PGD at
-    the default setting); a list of {"check", "passed", "message", "values"}. The eps sweep's
-    values hold eps, robust_accuracy, its ci95 intervals, n, runs and the attack (a description
-    and its settings), everything save_eps_sweep_plot draws. Data is selected as by evaluate
-    (select_examples with `seed`). Arguments are checked first, as for evaluate."""
-    from purifyguard.evaluation.harness import evaluate, select_examples
+    """The checks of harness.run_sanity_checks, on arguments it (or evaluate) has checked.
 
-    check_model("model", model)
-    check_data(data)
-    attacks = check_attack_list(attacks, parse_attack, AttackSpec) or []
-    n = check_int("n", n, 1)
-    check_int("batch_size", batch_size, 1)
-    check_int("runs", runs, 1)
-    check_int("seed", seed)
-    check_model("undefended", undefended, optional=True)
-    check_output_dir(output_dir)
-    check_bool("resume", resume)
-    check_bool("progress", progress)
-    if large_eps is not None:
-        large_eps = check_number("large_eps", large_eps, positive=True)
+    evaluate: the function that runs the checks' attacks, called as harness.evaluate is
+    (model, (images, labels), specs, n=, batch_size=, runs=, seed=, output_dir=, resume=,
+    model_name="sanity", undefended=, progress=, device=) and returning its report; the harness
+    hands in its own, which does not check the model again. Taking it as an argument keeps this
+    module (and report.py, which reads convergence_check from it) from importing the harness."""
     base = next((a for a in attacks if a.kind in ("pgd", "bpda")), None) or AttackSpec("pgd")
     # Full gradients, step eps / 4 at every eps of the sweep.
     base = base.replace(kind="pgd", gradient="full", step_size=None)
