@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from purifyguard.threads import add_threads_argument, prefer_sleeping_threads, use_threads
 from purifyguard.version import __version__
 
 LIST_DESCRIPTION = """\
@@ -63,17 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a routine (purifyguard train <routine> [options]).\n\nroutines:\n"
                     + routine_list(),
     )
-    demo.add_arguments(commands.add_parser(
+    demo_parser = commands.add_parser(
         "demo", formatter_class=HelpFormatter, description=demo.__doc__,
-        help="attack the bundled classifier with and without the bundled purifier"))
-    evaluation_cli.add_arguments(commands.add_parser(
+        help="attack the bundled classifier with and without the bundled purifier")
+    demo.add_arguments(demo_parser)
+    evaluate_parser = commands.add_parser(
         "evaluate", formatter_class=HelpFormatter,
         description=evaluation_cli.DESCRIPTIONS["evaluate"],
-        help="clean and robust accuracy under adaptive attacks"), "evaluate")
-    evaluation_cli.add_arguments(commands.add_parser(
+        help="clean and robust accuracy under adaptive attacks")
+    evaluation_cli.add_arguments(evaluate_parser, "evaluate")
+    compare_parser = commands.add_parser(
         "compare", formatter_class=HelpFormatter,
         description=evaluation_cli.DESCRIPTIONS["compare"],
-        help="several defences side by side on the same images and attacks"), "compare")
+        help="several defences side by side on the same images and attacks")
+    evaluation_cli.add_arguments(compare_parser, "compare")
+    for long_command in (demo_parser, evaluate_parser, compare_parser):
+        add_threads_argument(long_command)
     commands.add_parser("list", formatter_class=HelpFormatter, description=LIST_DESCRIPTION,
                         help="the registered purifiers")
     return parser
@@ -81,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    prefer_sleeping_threads()  # before torch loads
     if argv and argv[0] == "train":
         # Each routine parses its own options (and --config files).
         from purifyguard.train.__main__ import main as train
@@ -89,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     args = build_parser().parse_args(argv)
+    if args.command in ("demo", "evaluate", "compare"):
+        use_threads(args.threads)
     if args.command == "demo":
         from purifyguard import demo
 
