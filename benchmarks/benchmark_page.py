@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from purifyguard.evaluation.paired import format_p_value
 from purifyguard.evaluation.stats import difference_tolerance
 
 PRIMARY = "pgd-eot"  # the primary attack of runs whose benchmark.json does not name one
 OURS = ("ours", "ours-adapted")
 TARGET_MARGIN_OVER_DIFFPURE = 5.0  # points of robust accuracy under the primary attack
+MARGIN_TARGETS = (("diffpure", "DiffPure-style"), ("trades", "TRADES"))  # ours >= X points over
+SIGNIFICANCE = 0.05
 TARGET_CLEAN_GAP = 3.0  # points of clean accuracy below the undefended classifier
 TARGET_FEW_NFE_GAP = 2.0  # points between ours at <= 10 NFE and ours at t* NFE
 
@@ -103,10 +106,19 @@ def results_section(benchmark: dict[str, Any]) -> list[str]:
     return lines
 
 
+TARGETS_INTRO = (
+    "A target of X points over another defence is met only when the one-sided paired margin "
+    "test (purifyguard.evaluation.paired.paired_margin_test) rejects a difference <= X at "
+    f"{SIGNIFICANCE:g}, that is when its one-sided 95% lower bound lies above X. A lead states "
+    "both paired tests: the bootstrap of the mean and McNemar's exact test on the worst case."
+)
+
+
 def targets_section(benchmark: dict[str, Any]) -> list[str]:
     """The issue's targets, checked against the figures (met / missed / not measured)."""
     table = records_by_model(benchmark["report"])
     chosen = primary(benchmark)
+    paired = {(item["first"], item["second"]): item for item in benchmark.get("paired", [])}
 
     def robust(model: str) -> float | None:
         return 100 * table[model][chosen]["robust_accuracy"]["mean"] if model in table else None
@@ -120,37 +132,30 @@ def targets_section(benchmark: dict[str, Any]) -> list[str]:
         tolerance = difference_tolerance(robust_accuracy["mean"], robust_accuracy["n"])
         return f"noise at n = {robust_accuracy['n']}: +-{100 * tolerance:.1f}"
 
-    lines = []
+    lines = [TARGETS_INTRO, ""]
     for ours in (name for name in OURS if name in table):
         others = {name: robust(name) for name in table if name not in OURS}
         if others:  # a run of our defences alone has nothing to beat
             best_other = max(others, key=others.get)
             margin = robust(ours) - others[best_other]
+            item = paired.get((ours, best_other))
+            tests = lead_tests(item) if item else "no paired test in this run"
             lines.append(
                 f"- {ours} beats every other defence under {chosen}: "
                 f"{'met' if margin > 0 else 'missed'} ({robust(ours):.1f} vs {best_other} "
-                f"{others[best_other]:.1f}, {margin:+.1f} points; {noise(ours)})."
+                f"{others[best_other]:.1f}, {margin:+.1f} points; {noise(ours)}; {tests})."
             )
-        if "diffpure" in table:
-            margin = robust(ours) - robust("diffpure")
-            verdict = "met" if margin >= TARGET_MARGIN_OVER_DIFFPURE else "missed"
-            lines.append(f"- {ours} >= {TARGET_MARGIN_OVER_DIFFPURE:g} points over DiffPure-style: "
-                         f"{verdict} ({margin:+.1f} points; {noise(ours)}).")
+        for other, label in MARGIN_TARGETS:
+            if other in table:
+                verdict, details = margin_verdict(robust(ours) - robust(other),
+                                                  paired.get((ours, other)))
+                lines.append(f"- {ours} >= {TARGET_MARGIN_OVER_DIFFPURE:g} points over {label}: "
+                             f"{verdict} ({details}).")
         if "undefended" in table:
             gap = clean("undefended") - clean(ours)
             verdict = "met" if gap <= TARGET_CLEAN_GAP else "missed"
             lines.append(f"- {ours} clean accuracy within {TARGET_CLEAN_GAP:g} points of the "
                          f"undefended classifier: {verdict} ({gap:.1f} points below).")
-    paired = {item["second"]: item for item in benchmark.get("paired", [])
-              if item["first"] == "ours"}
-    for other, label in (("trades", "TRADES"), ("diffpure", "DiffPure-style")):
-        if "ours" in table and other in paired:
-            margin, p_value = robust("ours") - robust(other), paired[other]["mean"]["p_value"]
-            verdict = ("met" if margin >= TARGET_MARGIN_OVER_DIFFPURE and p_value < 0.05
-                       else "missed")
-            lines.append(f"- ours >= {label} + {TARGET_MARGIN_OVER_DIFFPURE:g} points, "
-                         f"significant in the paired test: {verdict} ({margin:+.1f} points, "
-                         f"paired bootstrap p = {p_value:.3g}).")
     if "ours" in table and "ours-5-steps" in table:
         gap = robust("ours") - robust("ours-5-steps")
         verdict = "met" if abs(gap) <= TARGET_FEW_NFE_GAP else "missed"
@@ -169,6 +174,57 @@ def targets_section(benchmark: dict[str, Any]) -> list[str]:
         lines.append("- Every verdict above is under **reduced** attacks: a stronger attack can "
                      "only lower the robust figures, so a target met here is not yet a claim.")
     return lines
+
+
+def margin_verdict(difference: float, item: dict[str, Any] | None,
+                   target: float = TARGET_MARGIN_OVER_DIFFPURE) -> tuple[str, str]:
+    """(verdict, details) of "first >= target points over second", from the difference of the
+    means in points and the paired comparison (None when the run has none). Met only when the
+    one-sided paired margin test rejects difference <= target at 0.05; a JSON written before
+    that test ("margin_test") is judged from the two-sided interval where it decides."""
+    details = f"{difference:+.1f} points"
+    if item is None:
+        if difference < target:
+            return "missed", f"{details}; below {target:g} itself; no paired test in this run"
+        return "not measured", f"{details}; no paired test in this run, so not shown significant"
+    test = item.get("margin_test")
+    worst = worst_case_text(item["worst_case"])
+    if (test is not None and abs(100 * test["margin"] - target) < 1e-9
+            and test.get("alternative", "greater") == "greater"):
+        bound = 100 * test["ci"]["one_sided95"]
+        met = test["p_value"] < SIGNIFICANCE
+        p_text = format_p_value(test["p_value"], test["samples"])
+        return ("met" if met else "missed",
+                (f"{details}; one-sided paired margin test: 95% lower bound {bound:+.1f}, "
+                 f"{p_text} for H0 difference <= {target:g}; {worst}"))
+    if difference < target:
+        return "missed", f"{details}; below {target:g} itself; {worst}"
+    low, high = (100 * value for value in item["mean"]["ci95"])
+    interval = f"two-sided 95% interval [{low:+.1f}, {high:+.1f}]"
+    if low > target:  # its 2.5% quantile above the margin: the one-sided test rejects too
+        return "met", f"{details}; {interval} above {target:g}; {worst}"
+    return ("not shown significant",
+            (f"{details}; the one-sided margin test was not run for this JSON and the "
+             f"{interval} reaches below {target:g}; {worst}"))
+
+
+def lead_tests(item: dict[str, Any]) -> str:
+    """Both paired tests of a lead of item's first defence over its second, and which hold."""
+    mean, worst = item["mean"], item["worst_case"]
+    in_mean = mean["difference"] > 0 and mean["p_value"] < SIGNIFICANCE
+    in_worst = (worst["only_first"] > worst["only_second"]
+                and worst["p_value"] < SIGNIFICANCE)
+    holds = {(True, True): "in both tests", (True, False): "in the mean only",
+             (False, True): "in the worst case only", (False, False): "in neither test"}
+    return (f"paired against {item['second']}: mean "
+            f"{format_p_value(mean['p_value'], mean.get('samples'))} (bootstrap), "
+            f"{worst_case_text(worst)}; a lead of {item['first']} is significant "
+            f"{holds[in_mean, in_worst]}")
+
+
+def worst_case_text(worst: dict[str, Any]) -> str:
+    return (f"worst case {worst['only_first']} / {worst['only_second']} images, McNemar "
+            f"{format_p_value(worst['p_value'])}")
 
 
 def record_checks(report: dict[str, Any], chosen: str = PRIMARY) -> list[str]:
@@ -199,7 +255,8 @@ def paired_section(benchmark: dict[str, Any]) -> list[str]:
         return []
     intro = (f"Under {primary(benchmark)}, on the same images: the difference in mean robust "
              "accuracy with its 95% paired-bootstrap interval and p-value, and McNemar's exact "
-             "test on the worst case (images only one of the two keeps in every run).")
+             "test on the worst case (images only one of the two keeps in every run). A bootstrap "
+             "p below its resolution (1 / resamplings) is shown as \"< 1 / resamplings\".")
     header = ("| defences | mean difference, points [95% CI] | p (bootstrap) | worst case: only "
               "first / only second | p (McNemar) |")
     lines = ["## Paired tests", "", intro, "", header, "|---|---|---|---|---|"]
@@ -214,8 +271,9 @@ def paired_cells(item: dict[str, Any]) -> str:
     mean, worst = item["mean"], item["worst_case"]
     low, high = mean["ci95"]
     return (f"{100 * mean['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] | "
-            f"{mean['p_value']:.3g} | {worst['only_first']} / {worst['only_second']} | "
-            f"{worst['p_value']:.3g} |")
+            f"{format_p_value(mean['p_value'], mean.get('samples'), name='')} | "
+            f"{worst['only_first']} / {worst['only_second']} | "
+            f"{format_p_value(worst['p_value'], name='')} |")
 
 
 def sanity_section(report: dict[str, Any], chosen: str = PRIMARY) -> list[str]:

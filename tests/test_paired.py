@@ -12,8 +12,10 @@ from purifyguard.evaluation.paired import (
     compare_attacks_stored,
     compare_stored,
     correct_table,
+    format_p_value,
     mcnemar_exact,
     paired_bootstrap,
+    paired_margin_test,
 )
 
 
@@ -43,6 +45,94 @@ def test_scores_of_different_shapes_are_refused():
         paired_bootstrap(torch.zeros(3), torch.zeros(4))
     with pytest.raises(ValueError, match="one shape"):
         mcnemar_exact(torch.zeros(3, dtype=torch.bool), torch.zeros(2, dtype=torch.bool))
+
+
+def spread(n: int = 100, seed: int = 0) -> torch.Tensor:
+    """n fixed numbers of mean exactly 0 and standard deviation exactly 1."""
+    values = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (values - values.mean()) / values.std()
+
+
+def test_a_difference_of_six_on_every_image_passes_a_margin_of_five():
+    second = torch.linspace(0, 80, 100, dtype=torch.float64)  # per-image scores in points
+    result = paired_margin_test(second + 6, second, margin=5)
+    assert result["difference"] == pytest.approx(6)
+    assert result["margin"] == 5 and result["alternative"] == "greater"
+    assert result["ci"]["one_sided95"] == pytest.approx(6)
+    assert result["ci"]["two_sided95"] == pytest.approx([6, 6])
+    assert result["p_value"] == 0 and result["samples"] == 10_000
+    assert format_p_value(result["p_value"], result["samples"]) == "p < 0.0001"
+    # ... and the same six points do not pass a margin of seven
+    assert paired_margin_test(second + 6, second, margin=7)["p_value"] == 1
+
+
+def test_a_difference_of_six_with_wide_spread_is_significant_against_zero_not_against_five():
+    second = torch.full((100,), 50.0, dtype=torch.float64)
+    first = second + 6 + 20 * spread()  # standard error 2 points
+    two_sided = paired_bootstrap(first, second)
+    assert two_sided["ci95"][0] > 0 and two_sided["p_value"] < 0.05  # 6 differs from 0 ...
+    result = paired_margin_test(first, second, margin=5)
+    assert result["difference"] == pytest.approx(6)
+    assert result["ci"]["one_sided95"] < 5 and result["p_value"] > 0.05  # ... not from 5
+    assert 0.2 < result["p_value"] < 0.5  # about P(Z < -0.5) = 0.31
+    assert result["ci"]["two_sided95"] == two_sided["ci95"]  # the same resamplings
+
+
+def test_non_inferiority_within_three_points_of_a_tight_difference_of_minus_one():
+    second = torch.full((100,), 70.0, dtype=torch.float64)
+    first = second - 1 + 0.5 * spread()
+    result = paired_margin_test(first, second, margin=-3)
+    assert result["difference"] == pytest.approx(-1)
+    assert result["ci"]["one_sided95"] > -3 and result["p_value"] < 1 / result["samples"]
+    # a one-point margin is not met: the difference is -1 itself
+    assert paired_margin_test(first, second, margin=-1 + 0.2)["p_value"] > 0.95
+
+
+def test_the_margin_test_is_symmetric_and_its_bound_and_p_value_agree():
+    second = torch.full((60,), 0.5, dtype=torch.float64)
+    first = second + 0.03 + 0.1 * spread(60, seed=1)
+    for margin in (-0.02, 0.0, 0.01, 0.02, 0.03, 0.05):
+        greater = paired_margin_test(first, second, margin, samples=2000, seed=3)
+        less = paired_margin_test(second, first, -margin, samples=2000, seed=3,
+                                  alternative="less")
+        assert less["difference"] == -greater["difference"]
+        assert less["p_value"] == greater["p_value"]
+        assert less["ci"]["one_sided95"] == pytest.approx(-greater["ci"]["one_sided95"])
+        # rejecting at 0.05 is the same as the one-sided bound beyond the margin
+        assert (greater["p_value"] < 0.05) == (greater["ci"]["one_sided95"] > margin)
+        assert (less["p_value"] < 0.05) == (less["ci"]["one_sided95"] < -margin)
+    # against a margin of 0 the two one-sided p-values make the paired bootstrap's two-sided one
+    two_sided = paired_bootstrap(first, second, samples=2000, seed=3)
+    above = paired_margin_test(first, second, 0, samples=2000, seed=3)["p_value"]
+    below = paired_margin_test(first, second, 0, samples=2000, seed=3, alternative="less")
+    assert two_sided["p_value"] == pytest.approx(min(1, 2 * min(above, below["p_value"])))
+
+
+def test_bad_margin_test_arguments_are_refused_by_name():
+    scores = torch.zeros(5)
+    for margin in (float("nan"), float("inf"), "5", True):
+        with pytest.raises(ValueError, match="margin"):
+            paired_margin_test(scores, scores, margin)
+    with pytest.raises(ValueError, match="alternative"):
+        paired_margin_test(scores, scores, 0.05, alternative="two-sided")
+    with pytest.raises(ValueError, match="samples"):
+        paired_margin_test(scores, scores, 0.05, samples=0)
+    with pytest.raises(ValueError, match="one shape"):
+        paired_margin_test(scores, torch.zeros(4), 0.05)
+
+
+def test_p_values_print_honestly():
+    assert format_p_value(0.0, samples=10_000) == "p < 0.0001"
+    assert format_p_value(0.00005, samples=10_000) == "p < 0.0001"
+    assert format_p_value(0.0, samples=2000, name="") == "< 0.0005"
+    assert format_p_value(0.0144, samples=10_000) == "p = 0.014"
+    assert format_p_value(0.0574) == "p = 0.057"
+    assert format_p_value(3.6734e-40) == "p = 3.7e-40"  # an exact test's tiny p, not "0"
+    assert format_p_value(0.0) == "p < 1e-300"  # an exact p that underflowed
+    assert format_p_value(1.0, name="") == "1"
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="p_value"):
+            format_p_value(bad)
 
 
 class ReadsTheLabel(nn.Module):
@@ -77,6 +167,13 @@ def test_two_stored_defences_are_compared_image_by_image(tmp_path):
     assert result["worst_case"]["only_second"] == 0
     assert result["mean"]["difference"] == pytest.approx(0.9)
     assert result["mean"]["p_value"] < 0.01
+    assert "margin_test" not in result
+    with_margin = compare_stored(tmp_path, "reads", "zero", "pgd", margin=0.75)
+    assert with_margin["margin_test"]["margin"] == 0.75
+    assert with_margin["margin_test"]["ci"]["two_sided95"] == with_margin["mean"]["ci95"]
+    assert with_margin["margin_test"]["p_value"] < 0.05  # 0.9 +- 0.05, above 0.75
+    assert compare_stored(tmp_path, "reads", "zero", "pgd",
+                          margin=0.95)["margin_test"]["p_value"] > 0.5
     with pytest.raises(ValueError, match="no stored batches"):
         compare_stored(tmp_path, "reads", "absent", "pgd")
 

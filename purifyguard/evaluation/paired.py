@@ -8,7 +8,14 @@ clear, or the other way round. Paired tests use the per-image outcomes instead:
   the R runs): only the images where the two defences disagree count, and under "no difference"
   each of them is equally likely to favour either (a two-sided binomial test with p = 1/2);
 - a paired bootstrap of the difference in mean accuracy (each image's share of the R runs
-  right), resampling images: a 95% interval for the difference and a two-sided p-value.
+  right), resampling images: a 95% interval for the difference and a two-sided p-value;
+- paired_margin_test(): the same bootstrap against a margin instead of 0, one-sided ("ours leads
+  by more than 5 points": margin 0.05; "ours is at most 3 points worse": margin -0.03), so that
+  a target of X points is judged against X, not against "no difference".
+
+format_p_value() prints a p-value without claiming more than the test resolves: a bootstrap of
+`samples` resamplings cannot tell p below 1 / samples, so such a p prints as "p < 0.0001", never
+as "p = 0"; otherwise two significant digits (an exact test's tiny p, e.g. McNemar's, too).
 
 compare_stored() reads both defences' per-run predictions from an evaluation folder's stored
 batches (output_dir/batches-*.jsonl), so any evaluation that ran both on the same images and
@@ -25,9 +32,10 @@ from typing import Any
 
 import torch
 
-from purifyguard.validation import check_int
+from purifyguard.validation import check_int, check_number
 
 CLEAN = "clean"
+ALTERNATIVES = ("greater", "less")
 
 
 def mcnemar_exact(first: torch.Tensor, second: torch.Tensor) -> dict[str, Any]:
@@ -48,18 +56,87 @@ def paired_bootstrap(
     """Difference in mean (first - second) of two per-image scores on the same images, with a
     95% percentile interval and a two-sided p-value from `samples` resamplings of the images."""
     samples = check_int("samples", samples, 1)
+    differences = _differences(first, second)
+    means = _resampled_means(differences, samples, seed)
+    share_below = float((means <= 0).double().mean())
+    share_above = float((means >= 0).double().mean())
+    return {"difference": float(differences.mean()), "ci95": _two_sided_interval(means),
+            "p_value": min(1.0, 2 * min(share_below, share_above)), "samples": samples}
+
+
+def paired_margin_test(
+    first: torch.Tensor, second: torch.Tensor, margin: float, samples: int = 10_000,
+    seed: int = 0, alternative: str = "greater",
+) -> dict[str, Any]:
+    """One-sided paired bootstrap test of the mean difference d = mean(first - second) against
+    `margin` (in the scores' units: 0.05 is 5 points of accuracy).
+
+    alternative "greater": H0 d <= margin against H1 d > margin ("first leads by more than
+    margin"; non-inferiority "first is at most 3 points worse" is margin -0.03). alternative
+    "less": H0 d >= margin against H1 d < margin.
+
+    The images are resampled as paired_bootstrap() does (the same seed gives the same
+    resamplings). p_value is the share of the `samples` bootstrap means on the H0 side of the
+    margin (<= margin for "greater", >= for "less"): a percentile bootstrap test, whose
+    resolution is 1 / samples (p = 0 means p < 1 / samples). ci["one_sided95"] is the matching
+    95% bound, the k-th smallest bootstrap mean for "greater" (a lower bound) and the k-th
+    largest for "less" (an upper bound), k = ceil(0.05 samples): the test rejects at 0.05
+    (p_value < 0.05) exactly when that bound lies beyond the margin. ci["two_sided95"] is
+    paired_bootstrap()'s 95% interval.
+    """
+    margin = check_number("margin", margin)
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative must be one of {', '.join(ALTERNATIVES)}, got "
+                         f"{alternative!r}")
+    samples = check_int("samples", samples, 1)
+    differences = _differences(first, second)
+    means = _resampled_means(differences, samples, seed)
+    ordered = means.sort().values
+    k = -(-samples // 20)  # ceil(0.05 samples): reject at 0.05 <=> fewer than k on the H0 side
+    if alternative == "greater":
+        bound, on_null_side = float(ordered[k - 1]), means <= margin
+    else:
+        bound, on_null_side = float(ordered[samples - k]), means >= margin
+    return {"difference": float(differences.mean()), "margin": margin,
+            "alternative": alternative,
+            "ci": {"one_sided95": bound, "two_sided95": _two_sided_interval(means)},
+            "p_value": float(on_null_side.double().mean()), "samples": samples}
+
+
+def format_p_value(p_value: float, samples: int | None = None, name: str = "p") -> str:
+    """A p-value as text, never "p = 0": "p < 0.0001" when a bootstrap of `samples`
+    resamplings puts it below its resolution 1 / samples, otherwise two significant digits
+    ("p = 0.014", "p = 3.7e-40" for an exact test). An exact p that underflowed to 0 prints as
+    "p < 1e-300". name "" gives the bare value for a table's p column ("< 0.0001", "0.014")."""
+    p_value = check_number("p_value", p_value)
+    if not 0 <= p_value <= 1:
+        raise ValueError(f"p_value must lie in [0, 1], got {p_value!r}")
+    prefix = f"{name} " if name else ""
+    if samples is not None and p_value < 1 / check_int("samples", samples, 1):
+        return f"{prefix}< {1 / samples:.2g}"
+    if p_value == 0:
+        return f"{prefix}< 1e-300"
+    return f"{prefix}= {p_value:.2g}" if name else f"{p_value:.2g}"
+
+
+def _differences(first: Any, second: Any) -> torch.Tensor:
+    if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
+        raise ValueError("first and second must be tensors of per-image scores")
     if first.shape != second.shape or first.dim() != 1 or len(first) == 0:
         raise ValueError(f"first and second must be non-empty 1-d tensors of one shape, got "
                          f"{tuple(first.shape)} and {tuple(second.shape)}")
-    differences = first.double() - second.double()
+    return first.double() - second.double()
+
+
+def _resampled_means(differences: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
+    """The mean difference over each of `samples` resamplings of the images (with replacement)."""
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randint(len(differences), (samples, len(differences)), generator=generator)
-    means = differences[rows].mean(1)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
-    share_below = float((means <= 0).double().mean())
-    share_above = float((means >= 0).double().mean())
-    return {"difference": float(differences.mean()), "ci95": [low, high],
-            "p_value": min(1.0, 2 * min(share_below, share_above)), "samples": samples}
+    return differences[rows].mean(1)
+
+
+def _two_sided_interval(means: torch.Tensor) -> list[float]:
+    return torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
 
 
 def correct_table(output_dir: str | Path, model: str, attack: str) -> tuple[torch.Tensor,
@@ -94,13 +171,14 @@ def correct_table(output_dir: str | Path, model: str, attack: str) -> tuple[torc
 
 def compare_stored(
     output_dir: str | Path, first: str, second: str, attack: str, samples: int = 10_000,
-    seed: int = 0,
+    seed: int = 0, margin: float | None = None,
 ) -> dict[str, Any]:
     """Paired comparison of two defences evaluated in one folder on the same images and attack:
-    mean accuracy (paired bootstrap) and worst case (McNemar)."""
+    mean accuracy (paired bootstrap) and worst case (McNemar); with a margin (0.05: 5 points),
+    also "margin_test", paired_margin_test() of the mean accuracy against it ("greater")."""
     result = _compare_tables(correct_table(output_dir, first, attack),
                              correct_table(output_dir, second, attack), samples, seed,
-                             f"{first!r} and {second!r} were")
+                             f"{first!r} and {second!r} were", margin)
     return {"first": first, "second": second, "attack": attack, **result}
 
 
@@ -118,17 +196,21 @@ def compare_attacks_stored(
 
 def _compare_tables(
     first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor],
-    samples: int, seed: int, what: str,
+    samples: int, seed: int, what: str, margin: float | None = None,
 ) -> dict[str, Any]:
     (first_indices, first_table), (second_indices, second_table) = first, second
     if not torch.equal(first_indices, second_indices):
         raise ValueError(f"{what} not evaluated on the same images")
-    return {
+    first_scores, second_scores = first_table.double().mean(0), second_table.double().mean(0)
+    result = {
         "n": len(first_indices),
-        "mean": paired_bootstrap(first_table.double().mean(0), second_table.double().mean(0),
-                                 samples, seed),
+        "mean": paired_bootstrap(first_scores, second_scores, samples, seed),
         "worst_case": mcnemar_exact(first_table.all(0), second_table.all(0)),
     }
+    if margin is not None:
+        result["margin_test"] = paired_margin_test(first_scores, second_scores, margin, samples,
+                                                   seed)
+    return result
 
 
 def _paired_booleans(first: Any, second: Any) -> tuple[torch.Tensor, torch.Tensor]:
