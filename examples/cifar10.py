@@ -45,7 +45,12 @@ else:
 # Unguided DDPM purification (DiffPure-style) at t* = 100, sampled here with 10 DDIM steps.
 purifier = purifyguard.Purifier.from_diffusers(source, t_star=100, sampler="ddim", n_steps=10)
 classifier = torchvision.models.resnet18(num_classes=10)   # your CIFAR-10 classifier here
-model = purifyguard.PurifiedModel(classifier, purifier).eval()
+# How it wants its input, as it was trained: nothing is guessed for a torchvision model (pass
+# weights=<the torchvision Weights enum> instead for torchvision's own weights).
+model = purifyguard.PurifiedModel(
+    classifier, purifier,
+    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), input_size=32,
+).eval()
 
 images = torch.rand(4, 3, 32, 32)           # CIFAR-10 images in [0, 1], e.g. from torchvision
 with torch.no_grad():

@@ -28,9 +28,14 @@ print("accuracy on 8 images:", (predicted == labels).float().mean().item())
 timm_model = timm.create_model("resnet18", num_classes=10, in_chans=1)
 print("timm:", purifyguard.PurifiedModel(timm_model).normalization_source)
 
-# A torchvision model takes RGB: the grey images are converted for the grey purifier and back.
+# A torchvision model does not record how it wants its input, so say it: mean, std and the
+# side of the images it reads, as it was trained (or weights=<the torchvision Weights enum you
+# loaded>, whose transforms say it). It takes RGB: the grey images are converted for the grey
+# purifier and back.
 tv_model = torchvision.models.resnet18(num_classes=10)
-tv_purified = purifyguard.PurifiedModel(tv_model, "fashion-mnist-agdm")
+tv_purified = purifyguard.PurifiedModel(
+    tv_model, "fashion-mnist-agdm", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=28
+)
 with torch.no_grad():
     logits = tv_purified(images.expand(-1, 3, -1, -1))
 print("torchvision:", tv_purified.normalization_source, "->", tuple(logits.shape))

@@ -56,11 +56,11 @@ def resolve_folder(
     ))
 
 
-def refuse_pickles(folder: Path) -> None:
-    """ValueError if the folder or one of its component folders holds a pickle checkpoint:
-    purifyguard reads safetensors only. Only the layout's own folders are looked at, never
-    the whole tree under the folder."""
-    for part in (folder, *(folder / name for name in LAYOUT_DIRS)):
+def refuse_pickles(folder: Path, dirs: tuple[str, ...] = LAYOUT_DIRS) -> None:
+    """ValueError if the folder or one of its component folders (`dirs`, the purifier layout's
+    by default) holds a pickle checkpoint: purifyguard reads safetensors only. Only the layout's
+    own folders are looked at, never the whole tree under the folder."""
+    for part in (folder, *(folder / name for name in dirs)):
         if not part.is_dir():
             continue
         for path in sorted(part.iterdir()):
@@ -68,12 +68,12 @@ def refuse_pickles(folder: Path) -> None:
                 raise ValueError(pickle_message(path.relative_to(folder), folder))
 
 
-def check_layout_inside(folder: Path) -> None:
-    """ValueError if a file of the layout is a link that leads out of the folder. A Hub
-    snapshot's files link into the cache's blobs/ folder, two levels up, which is allowed."""
-    snapshot = folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir()
-    root = folder.parent.parent if snapshot else folder
-    for part in (folder, *(folder / name for name in LAYOUT_DIRS)):
+def check_layout_inside(folder: Path, dirs: tuple[str, ...] = LAYOUT_DIRS) -> None:
+    """ValueError if a file of the layout (the folder's and its component folders', `dirs`) is a
+    link that leads out of the folder. A Hub snapshot's files link into the cache's blobs/
+    folder, which is allowed (link_root)."""
+    root = link_root(folder)
+    for part in (folder, *(folder / name for name in dirs)):
         if part.exists():
             check_inside(part, root, "folder")
         if part.is_dir():
@@ -95,6 +95,16 @@ def require_file(path: Path) -> Path:
 def in_snapshot(folder: Path) -> bool:
     """Whether the folder lies in a Hub cache snapshot (whose files link into its blobs/)."""
     return any(parent.name == "snapshots" for parent in folder.parents)
+
+
+def link_root(folder: Path) -> Path:
+    """Where the files of a folder may link to: the folder itself, or, for a folder in a Hub
+    cache snapshot (snapshots/<commit>/, or a subfolder of one such as guidance/ or purifier/),
+    the cached repository that holds snapshots/ and blobs/, into which its files link."""
+    for parent in folder.parents:
+        if parent.name == "snapshots" and (parent.parent / "blobs").is_dir():
+            return parent.parent
+    return folder
 
 
 def pickle_message(relative: Path, folder: Path) -> str:

@@ -28,7 +28,7 @@ from safetensors.torch import load_model
 from torch import nn
 
 from purifyguard.files import check_inside, read_json, write_json
-from purifyguard.folder_safety import in_snapshot, require_file
+from purifyguard.folder_safety import link_root, require_file
 from purifyguard.weight_checks import check_weight_shapes, check_weights_finite
 
 GUIDANCE_CONFIG = "config.json"
@@ -148,7 +148,7 @@ def load_guidance_network(folder: str | Path) -> nn.Module:
     config_file = require_file(folder / GUIDANCE_CONFIG)
     weights = require_file(folder / GUIDANCE_WEIGHTS)
     for path in (config_file, weights):
-        check_inside(path, folder.parent.parent if in_snapshot(folder) else folder)
+        check_inside(path, link_root(folder))
     architecture, kwargs = guidance_config(read_json(config_file, "network config"), config_file)
     try:
         network = create_guidance_network(architecture, **kwargs)

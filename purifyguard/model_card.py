@@ -142,6 +142,81 @@ def network_card(
     return _card(front_matter, card_sections)
 
 
+def defended_model_card(
+    *,
+    classifier: dict[str, Any],
+    purifier: PurifierConfig | None,
+    input_handling: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    card_data: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+) -> str:
+    """The card of a saved PurifiedModel (a defended model): its classifier (`classifier`:
+    format, class, and architecture for a timm one), its purifier (None: undefended), how it
+    handles its input (`input_handling`: the saved purified_model.json's "input" entries and
+    n_samples) and how to load it. metrics and card_data as for a purifier's card."""
+    card_data = dict(card_data or {})
+    datasets = card_data.get("datasets")
+    dataset = (datasets if isinstance(datasets, str) else (datasets or [None])[0]) or (
+        purifier.training_data if purifier is not None else None)
+    front_matter = {"library_name": "purifyguard", "pipeline_tag": PIPELINE_TAG,
+                    "tags": list(TAGS if purifier is not None else NETWORK_TAGS)}
+    results = eval_results(metrics, dataset)
+    if results:
+        front_matter.update(
+            model_name=model_name or (repo_id or "").split("/")[-1] or "purifyguard-model",
+            eval_results=results,
+        )
+    front_matter.update(card_data)
+    where = repo_id or "path/to/this/folder"
+    state_dict = classifier.get("format") == "state_dict"
+    class_name = str(classifier.get("class", "nn.Module")).rpartition(".")[2]
+    loading = (
+        f"# the classifier is saved as a state dict: build a {class_name} as it was saved and\n"
+        "# pass it in; its weights are loaded into it (nothing is imported from the folder)\n"
+        f'model = PurifiedModel.from_pretrained("{where}", classifier=classifier)'
+        if state_dict else
+        f'model = PurifiedModel.from_pretrained("{where}")   # the timm classifier is rebuilt'
+    )
+    if classifier.get("format") == "timm":
+        described = f"timm `{classifier.get('architecture')}`, in timm's own format (classifier/)"
+    else:
+        described = (f"`{classifier.get('class')}`, its state dict in safetensors "
+                     "(classifier/model.safetensors)")
+    components = {"classifier": described}
+    if purifier is None:
+        components["purifier"] = "none: the bare classifier behind the same interface"
+    else:
+        steps = f"{purifier.nfe} reverse steps" + (
+            f", guidance {purifier.guidance}" if purifier.guidance != "none" else "")
+        components["purifier"] = (
+            f"diffusion purifier, {purifier.channels}x{purifier.resolution}x{purifier.resolution}"
+            f", t* {purifier.t_star}, {purifier.sampler}, {steps} (purifier/, with its own card)"
+        )
+    sections = [
+        "# Defended classifier (purifyguard)" if purifier is not None
+        else "# Classifier (purifyguard, undefended)",
+        ("An image classifier behind a diffusion purifier, saved as one model from [0, 1] "
+         "images to logits: the input is purified, then normalised as the classifier wants it, "
+         "then classified." if purifier is not None else
+         "An image classifier saved as one model from [0, 1] images to logits (no purifier: "
+         "the undefended baseline), normalising its input as the classifier wants it."),
+        ("```python\nfrom purifyguard import PurifiedModel\n\n" + loading
+         + "\nlogits = model(images)   # images in [0, 1], shape (N, C, H, W)\n```"),
+        "## Components\n\n" + _table(components, header=("component", "what")),
+        "## Input handling\n\n" + _table(
+            {name: _format(value) for name, value in input_handling.items()},
+            header=("setting", "value")),
+        "## Results\n\n" + (
+            _table({name: _format(value) for name, value in metrics.items()},
+                   header=("metric", "value")) if metrics
+            else "No measured clean or robust accuracy was supplied when this card was written."
+        ),
+    ]
+    return _card(front_matter, sections)
+
+
 def eval_results(metrics: dict[str, Any] | None, dataset: str | None = None) -> list[EvalResult]:
     """model-index entries for the Hub: clean accuracy (metric type accuracy) and robust
     accuracy (type robust_accuracy, the attack in its name and args) on an image-classification

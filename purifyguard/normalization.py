@@ -1,4 +1,20 @@
-"""How a classifier wants its input: channels, resolution, mean and std, read off the model."""
+"""How a classifier wants its input: channels, resolution, mean and std, never guessed silently.
+
+Where they come from, in order:
+
+- explicit `mean` and `std` (and `input_size`, given to PurifiedModel);
+- a torchvision weights enum member (`weights=`): its `transforms()` give mean, std and the crop
+  size, as torchvision's own preprocessing for those weights does;
+- a timm model's `pretrained_cfg`, through `timm.data.resolve_model_data_config`: the mean, std
+  and input size that timm's own transforms (`timm.data.create_transform`) would use for it,
+  also for a model created without pretrained weights (timm's convention: a model's config says
+  how it wants its input);
+- a torchvision model with none of the above is refused: torchvision models do not record the
+  weights they were built with, and a model trained on your own data (CIFAR-10 at 32x32, say)
+  need not want ImageNet statistics at 224x224;
+- any other nn.Module: no normalisation (the identity; `normalization_source` says so, and a
+  warning is logged), for classifiers that take [0, 1] images and normalise them themselves.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +26,6 @@ import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
-
-# Every torchvision classification weight is trained with these (see any weights enum's transforms).
-_TORCHVISION_FALLBACK = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224)
 
 
 class Normalize(nn.Module):
@@ -59,7 +72,8 @@ def resolve_input_config(
     """(mean, std, resolution or None, where they came from) for a classifier.
 
     Order: explicit mean/std; a torchvision weights enum; a timm model's pretrained config;
-    a torchvision model's default weights; otherwise no normalisation.
+    otherwise no normalisation. A torchvision model without mean/std or weights is refused
+    (ValueError naming weights=, mean, std and input_size): it does not record its weights.
     """
     channels = input_channels(model)
     if (mean is None) != (std is None):
@@ -96,11 +110,7 @@ def resolve_input_config(
             source,
         )
     if is_torchvision_model(model):
-        mean, std, resolution = _torchvision_defaults(model)
-        return (
-            _fit(mean, channels), _fit(std, channels), resolution,
-            f"torchvision weights for {type(model).__name__}",
-        )
+        raise ValueError(torchvision_refusal(model))
     logger.warning(
         "%s is neither a timm nor a torchvision model: no normalisation applied; pass mean= and "
         "std= if it expects normalised input", type(model).__name__,
@@ -108,16 +118,18 @@ def resolve_input_config(
     return None, None, None, "none (unknown model family)"
 
 
-def _torchvision_defaults(model: nn.Module) -> tuple[tuple, tuple, int]:
-    """mean, std and crop size of the default weights of the first builder of this class."""
-    import torchvision.models as tvm
-
-    family = type(model).__name__.lower()
-    for name in tvm.list_models(module=tvm):
-        if name.replace("_", "").startswith(family):
-            transforms = tvm.get_model_weights(name).DEFAULT.transforms()
-            return tuple(transforms.mean), tuple(transforms.std), _first(transforms.crop_size)
-    return _TORCHVISION_FALLBACK
+def torchvision_refusal(model: nn.Module) -> str:
+    """Why a torchvision model without weights, mean or std is refused, and what to pass."""
+    name = type(model).__name__
+    return (
+        f"cannot tell how this torchvision {name} wants its input: torchvision models do not "
+        "record the weights they were built with. Pass weights=<the torchvision Weights enum "
+        "member you loaded, e.g. torchvision.models.ResNet18_Weights.IMAGENET1K_V1, whose "
+        "transforms() say how the model wants its input>, or, for a model trained on your own "
+        "data, mean=..., std=... and input_size=... as it was trained (e.g. mean=(0.4914, "
+        "0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), input_size=32 for a CIFAR-10 recipe; "
+        "mean=(0.0,), std=(1.0,) for a model that takes [0, 1] images as they are)"
+    )
 
 
 def _numbers(name: str, values: object) -> tuple[float, ...]:

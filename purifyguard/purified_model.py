@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from purifyguard.normalization import Normalize, input_channels, resolve_input_config
+from purifyguard.purified_model_hub import PurifiedModelHubMixin
 from purifyguard.purifier import Purifier
 from purifyguard.registry import default_purifier_name, load_purifier
 from purifyguard.validation import check_choice, check_images, check_int, check_optional_int
@@ -27,15 +28,21 @@ CLASSIFY_CHUNK = 512
 MIN_IMAGE_SIDE = 8
 
 
-class PurifiedModel(nn.Module):
+class PurifiedModel(PurifiedModelHubMixin, nn.Module):
     """classifier(normalise(purify(x))) for x in [0, 1] at the classifier's input size.
 
     purifier: None picks the registered default that matches the classifier's input; a Purifier,
     a registered name, a local folder or a Hub repo id picks that one; False gives the bare
     classifier through the same interface (the undefended baseline).
-    Normalisation comes from mean/std, a torchvision `weights` enum, the timm pretrained config
-    or the torchvision default weights, in that order. `n_samples` averages the logits of that
-    many independent purifications. The model starts in eval mode.
+    How the classifier wants its input is never guessed silently: it comes from mean/std (with
+    input_size, the side of the square images it reads), a torchvision `weights` enum member
+    (its transforms' mean, std and crop size), or a timm model's pretrained_cfg (as timm's own
+    transforms read it), in that order. A torchvision model with none of these is refused
+    (ValueError): it does not record its weights. Any other nn.Module gets no normalisation (a
+    warning says so). `normalization_source` says where the normalisation came from.
+    `n_samples` averages the logits of that many independent purifications. The model starts in
+    eval mode. save_pretrained, from_pretrained and push_to_hub share it like a purifier
+    (purifyguard.purified_model_hub).
     """
 
     def __init__(

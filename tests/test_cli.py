@@ -319,13 +319,19 @@ def test_a_torchvision_name_loads_a_checkpoint_or_its_default_weights(monkeypatc
     weights = tmp_path / "squeezenet.safetensors"
     network = torchvision.models.squeezenet1_1(num_classes=10)
     save_file(network.state_dict(), weights)
+    # A torchvision checkpoint does not say how the model wants its input: nothing is guessed
+    # (issue 24 removed the silent ImageNet statistics), --mean/--std say it.
+    options = ["--checkpoint", str(weights), "--purifier", "none"]
+    with pytest.raises(ValueError, match="torchvision models do not record"):
+        evaluated(monkeypatch, ["--classifier", "squeezenet1_1", *options], rgb_data())
+    normalization = ["--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"]
     for name in ("squeezenet1_1", "torchvision:squeezenet1_1"):  # timm has no squeezenet
-        model, _ = evaluated(monkeypatch, ["--classifier", name, "--checkpoint", str(weights),
-                                           "--purifier", "none"], rgb_data())
+        model, _ = evaluated(monkeypatch, ["--classifier", name, *options, *normalization],
+                             rgb_data())
         assert type(model.classifier).__name__ == "SqueezeNet"
         assert all(torch.equal(value, network.state_dict()[key])
                    for key, value in model.classifier.state_dict().items())
-        assert model.normalization_source.startswith("torchvision")
+        assert model.normalization_source == "explicit mean/std"
 
     # --pretrained: the DEFAULT weights, whose own transforms give the normalisation (a stand-in
     # builder here, so that nothing is downloaded).

@@ -73,13 +73,25 @@ def test_timm_classifier_gets_its_own_normalisation(name, kwargs):
         torch.testing.assert_close(model(x), classifier((x - mean) / std))
 
 
-def test_torchvision_classifier_gets_its_default_weights_normalisation():
+def test_torchvision_classifier_without_weights_mean_or_std_is_refused():
+    """torchvision models do not record their weights: nothing is guessed (issue 24 removed the
+    silent ImageNet statistics at 224), the error says what to pass."""
     classifier = torchvision.models.resnet18(num_classes=10).eval()
-    transforms = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
-    model = PurifiedModel(classifier, purifier=False)
+    with pytest.raises(ValueError, match=r"weights=.*mean=.*std=.*input_size="):
+        PurifiedModel(classifier, purifier=False)
+    model = PurifiedModel(classifier, purifier=False, mean=(0.5,), std=(0.5,), input_size=32)
+    assert (model.normalization_source, model.input_size) == ("explicit mean/std", 32)
+
+
+def test_torchvision_classifier_gets_the_normalisation_of_its_weights():
+    classifier = torchvision.models.resnet18(num_classes=10).eval()
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    transforms = weights.transforms()
+    model = PurifiedModel(classifier, purifier=False, weights=weights)
     torch.testing.assert_close(model.normalize.mean.flatten(), torch.tensor(transforms.mean))
     torch.testing.assert_close(model.normalize.std.flatten(), torch.tensor(transforms.std))
-    assert "torchvision" in model.normalization_source
+    assert model.normalization_source == f"weights {weights}"
+    assert model.input_size == 224
     x = torch.rand(2, 3, 32, 32)
     mean = torch.tensor(transforms.mean).view(1, 3, 1, 1)
     std = torch.tensor(transforms.std).view(1, 3, 1, 1)
@@ -93,15 +105,14 @@ def test_grey_torchvision_classifier_gets_grey_statistics():
     channels and failing in the first convolution."""
     classifier = torchvision.models.resnet18(num_classes=10).eval()
     classifier.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
-    transforms = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
-    model = PurifiedModel(classifier, purifier=False)
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    transforms = weights.transforms()
+    model = PurifiedModel(classifier, purifier=False, weights=weights)
     mean, std = sum(transforms.mean) / 3, sum(transforms.std) / 3
     torch.testing.assert_close(model.normalize.mean.flatten(), torch.tensor([mean]))
     x = torch.rand(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(model(x), classifier((x - mean) / std))
-    weights = torchvision.models.ResNet18_Weights.DEFAULT
-    assert PurifiedModel(classifier, purifier=False, weights=weights).normalize.mean.numel() == 1
 
 
 def test_explicit_mean_and_std_override_the_model_config():
