@@ -184,3 +184,14 @@ def test_bad_registrations_are_refused_and_register_nothing():
     with pytest.raises(ValueError, match="decorates a function or an Attack subclass"):
         register_attack("toy")(int)
     assert registered_attacks() == BUILT_IN
+
+
+def test_an_attack_that_leaves_its_ball_is_refused_not_counted():
+    @register_attack("overshoot", default_step=1.0, uses_eot=False)
+    def overshoot(spec, model, images, labels):
+        return (images + 3 * spec.eps).clamp(0, 1)
+
+    with pytest.raises(ValueError, match="'overshoot' attack returned images outside its linf "
+                                         "ball of eps 0.1"):
+        purifyguard.evaluate(tiny_classifier(), structured_batch(4), ["overshoot:eps=0.1,steps=1"],
+                             n=4, runs=1, progress=False)

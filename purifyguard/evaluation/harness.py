@@ -366,7 +366,14 @@ def _run_batches(
                 x_adv = run_attack(spec, attacker, x, y, attack_seed,
                                    on_step=bar.update if per_step else None,
                                    trace=trace).clamp(0, 1)
-                record["perturbation"] = perturbation_norm(x, x_adv, spec.norm).tolist()
+                sizes = perturbation_norm(x, x_adv, spec.norm)
+                if float(sizes.max()) > spec.eps * (1 + 1e-5) + 1e-6:
+                    raise ValueError(
+                        f"the {spec.kind!r} attack returned images outside its {spec.norm} "
+                        f"ball of eps {spec.eps:g} (largest perturbation {float(sizes.max()):.6g}"
+                        f", batch {batch}): an attack must project its images into the ball"
+                    )
+                record["perturbation"] = sizes.tolist()
                 if trace.correct:
                     record["curve"] = trace.to_record()
                 if batch == 0 and output_dir is not None:
