@@ -8,12 +8,17 @@ number; the report flags it and never drops it.
 3. full gradient <= BPDA: the exact gradient is at least as strong as its approximation.
 4. gradients exist: the input gradient of the loss is not zero for most examples (a zero
    gradient is the signature of gradient masking, e.g. a model that rounds its input).
-5. gradients are right: with the noise fixed, autograd's directional derivatives match finite
-   differences (gradient_check.py): catches rounding, non-differentiable steps and a detach of
-   part of the purifier, which check 4 misses when the gradient is wrong but not zero.
+5. gradients are right: with the noise fixed, in float64, autograd's directional derivatives
+   match finite differences at several steps (gradient_check.py): tells a flat/quantised model,
+   a shattered gradient (finite differences disagree across steps: recommend the smooth
+   substitute) and a detached / substitute backward (they agree, autograd does not) apart;
+   check 4 misses the last two, whose gradient is wrong but not zero.
 6. convergence (convergence_check, also run on every record's curve by the report): within a
    restart, robust accuracy on the crafting draws at the last iteration does not exceed its
    lowest earlier value beyond noise.
+
+The attacks are the run's own first gradient attack, at its kind and budget (sanity_base),
+so that the checks cost a few attacks of that budget, not the reference PGD at every eps.
 
 "Beyond noise" is stats.difference_tolerance: 1.96 standard errors of a difference of two
 accuracies on n examples, and at least one example.
@@ -37,12 +42,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from purifyguard.evaluation.arguments import check_examples
+from purifyguard.evaluation.attack_registry import ATTACKS
 from purifyguard.evaluation.attacks import AttackSpec
 from purifyguard.evaluation.example_selection import select_examples
-from purifyguard.evaluation.gradient_check import gradient_check
+from purifyguard.evaluation.gradient_check import run_gradient_check
 from purifyguard.evaluation.pgd import eot_gradient
 from purifyguard.evaluation.seeds import derive_seed, seed_everything
 from purifyguard.evaluation.stats import difference_tolerance
+from purifyguard.evaluation.store import CLEAN
 from purifyguard.files import write_figure
 
 NEAR_ZERO = 0.05  # robust accuracy allowed under an unbounded attack
@@ -50,6 +57,7 @@ MAX_ZERO_GRADIENT_FRACTION = 0.5
 EPS_SWEEP_CHECK = "robust accuracy non-increasing in eps"
 CONVERGENCE_CHECK = "more steps never raise robust accuracy (convergence curve)"
 GRADIENT_CHECK_IMAGES = 8
+_CLEAN_POINT = CLEAN  # the sweep's eps = 0 point: no attack name may be "clean"
 
 EvaluateFunction = Callable[..., dict[str, Any]]
 
@@ -67,34 +75,34 @@ def sanity_checks(
     model_name="sanity", undefended=, progress=, device=) and returning its report; the harness
     hands in its own, which does not check the model again. Taking it as an argument keeps this
     module (and report.py, which reads convergence_check from it) from importing the harness."""
-    base = next((a for a in attacks if a.kind in ("pgd", "bpda")), None) or AttackSpec("pgd")
-    # Full gradients, step eps / 4 at every eps of the sweep.
-    base = base.replace(kind="pgd", gradient="full", step_size=None)
+    base = sanity_base(attacks)
     images, labels = select_examples(data, n, seed)
     images = check_examples(images, labels, None)
     large = large_eps or (1.0 if base.norm == "linf" else float(images[0].numel()) ** 0.5)
     sweep = sorted({0.0, base.eps / 2, base.eps, 2 * base.eps, large})
     more_steps = max(2 * base.steps, 2)
     defended = getattr(model, "purifier", None) is not None
-    specs = [
-        base.replace(name=f"sanity-eps={eps:g}", eps=eps, steps=base.steps if eps else 0)
-        for eps in sweep
-    ]
+    # eps = 0 is the clean accuracy (every record has it): no attack runs there.
+    specs = [_at_eps(base, eps) for eps in sweep if eps > 0]
     specs.append(base.replace(name=f"sanity-steps={more_steps}", steps=more_steps))
     if defended:
-        specs.append(base.replace(name="sanity-bpda", kind="bpda"))
+        specs.append(_as_kind(base, "bpda", name="sanity-bpda"))
     report = evaluate(
         model, (images, labels), specs, n=n, batch_size=batch_size, runs=runs, seed=seed,
         output_dir=output_dir, resume=resume, model_name="sanity", undefended=undefended,
         progress=progress, device=device,
     )
-    robust = {r["attack"]["name"]: r["robust_accuracy"]["mean"] for r in report["records"]}
-    intervals = {r["attack"]["name"]: r["robust_accuracy"]["ci95_mean"] for r in report["records"]}
+    records = report["records"]
+    robust = {r["attack"]["name"]: r["robust_accuracy"]["mean"] for r in records}
+    intervals = {r["attack"]["name"]: r["robust_accuracy"]["ci95_mean"] for r in records}
+    robust[_CLEAN_POINT] = records[0]["clean_accuracy"]["mean"]
+    intervals[_CLEAN_POINT] = records[0]["clean_accuracy"]["ci95_mean"]
     count = report["settings"]["n"]
-    accuracies = [robust[s.label] for s in specs[: len(sweep)]]
+    points = [_at_eps(base, eps).label if eps > 0 else _CLEAN_POINT for eps in sweep]
+    accuracies = [robust[point] for point in points]
     sweep_check = _eps_monotone(sweep, accuracies, count)
     sweep_check["values"].update({
-        "ci95": [intervals[s.label] for s in specs[: len(sweep)]], "n": count, "runs": runs,
+        "ci95": [intervals[point] for point in points], "n": count, "runs": runs,
         "attack": describe_attack(base), "attack_settings": base.to_dict(),
     })
     checks = [
@@ -105,16 +113,34 @@ def sanity_checks(
     ]
     if defended:
         checks.append(_full_below_bpda(robust[f"sanity-eps={base.eps:g}"], robust["sanity-bpda"],
-                                       count))
+                                       count, base.gradient_mode))
     checks.append(_gradients_exist(model, images, labels, derive_seed(seed, "sanity-gradient")))
-    checks.append(gradient_check(model, images[:GRADIENT_CHECK_IMAGES].to(_device(model, images)),
-                                 seed=derive_seed(seed, "sanity-finite-differences")))
+    # The model was checked by the entry point (run_sanity_checks or evaluate): not again.
+    checks.append(run_gradient_check(
+        model, images[:GRADIENT_CHECK_IMAGES].to(_device(model, images)),
+        seed=derive_seed(seed, "sanity-finite-differences")))
     base_record = next(r for r in report["records"]
                        if r["attack"]["name"] == f"sanity-eps={base.eps:g}")
     if base_record["convergence"] is not None:
         checks.append({"check": CONVERGENCE_CHECK, **{
             k: v for k, v in base_record["convergence"]["check"].items() if k != "check"}})
     return checks
+
+
+def sanity_base(attacks: Sequence[AttackSpec]) -> AttackSpec:
+    """The attack the checks run: the first gradient attack of the run (white-box or BPDA
+    access) with eps > 0, at its own kind and budget (steps, EOT, restarts...), so that the
+    checks cost what the attack costs. A BPDA attack becomes PGD with the same budget (check 4
+    compares against BPDA). Without a gradient attack: PGD at its default (reference) setting.
+    The step size follows eps across the sweep (sanity-eps=...: the kind's default, or the
+    attack's own step_size / eps ratio)."""
+    given = next((a for a in attacks
+                  if a.attack.access in ("white-box", "bpda") and a.eps > 0), None)
+    if given is None:
+        return AttackSpec("pgd")
+    if given.attack.access == "bpda":
+        return _as_kind(given, "pgd")
+    return given
 
 
 def convergence_check(curve: dict[str, Any], n: int) -> dict[str, Any]:
@@ -146,17 +172,43 @@ def convergence_check(curve: dict[str, Any], n: int) -> dict[str, Any]:
                    "n": n})
 
 
+def _at_eps(base: AttackSpec, eps: float) -> AttackSpec:
+    """The base attack at `eps`, its step size scaled with eps (the sweep's spec)."""
+    step = None if base.step_size is None else base.step_size * eps / base.eps
+    return base.replace(name=f"sanity-eps={eps:g}", eps=eps, step_size=step)
+
+
+def _as_kind(spec: AttackSpec, kind: str, **changes: Any) -> AttackSpec:
+    """An attack of another kind with the same norm, eps and budget (steps, EOT); the settings
+    of the original kind alone (APGD's restarts, graft...) are left at the new kind's default,
+    and a step size only carries over between kinds with the same default step."""
+    same_step = ATTACKS[kind].default_step == spec.attack.default_step
+    settings = {"kind": kind, "name": kind, "norm": spec.norm, "eps": spec.eps,
+                "steps": spec.steps, "eot": spec.eot, "random_start": spec.random_start,
+                "checkpointing": spec.checkpointing,
+                "step_size": spec.step_size if same_step else None}
+    if kind != "bpda":
+        settings.update(gradient=spec.gradient, surrogate_sampler=spec.surrogate_sampler,
+                        surrogate_steps=spec.surrogate_steps)
+    return AttackSpec(**{**settings, **changes})
+
+
 def _device(model: nn.Module, images: torch.Tensor) -> torch.device:
     return next((p.device for p in model.parameters()), images.device)
 
 
 def describe_attack(spec: AttackSpec) -> str:
     """A one-line name of the sweep's attack, for the plot and the report."""
-    name = {"pgd": "PGD", "bpda": "BPDA"}.get(spec.kind, spec.kind)
+    name = {"pgd": "PGD", "bpda": "BPDA", "apgd-eot": "APGD"}.get(spec.kind, spec.kind)
     eot = f"-EOT{spec.eot}" if spec.eot > 1 else ""
     norm = "L-inf" if spec.norm == "linf" else "L2"
+    fraction = spec.alpha / spec.eps if spec.eps else spec.attack.default_step
+    whole = round(1 / fraction)
+    step = f"eps/{whole}" if abs(1 / fraction - whole) < 1e-6 else f"{fraction:.3g} eps"
+    step = "eps" if step == "eps/1" else step
+    initial = "initial " if spec.kind == "apgd-eot" else ""
     return (f"{name}{eot}, {spec.gradient_mode} gradient, {norm}, {spec.steps} steps, "
-            "step eps/4" + (", random start" if spec.random_start else ""))
+            f"{initial}step {step}" + (", random start" if spec.random_start else ""))
 
 
 def save_eps_sweep_plot(
@@ -242,12 +294,12 @@ def _more_steps(steps: int, more: int, accuracy: float, accuracy_more: float, n:
     )
 
 
-def _full_below_bpda(full: float, bpda: float, n: int) -> dict[str, Any]:
+def _full_below_bpda(full: float, bpda: float, n: int, gradient_mode: str) -> dict[str, Any]:
     tolerance = difference_tolerance(bpda, n)
     return _check(
         "full gradient <= BPDA", full <= bpda + tolerance,
-        f"full gradient {full:.3f}, BPDA {bpda:.3f} (tolerance {tolerance:.3f})",
-        {"full": full, "bpda": bpda, "tolerance": tolerance},
+        f"{gradient_mode} gradient {full:.3f}, BPDA {bpda:.3f} (tolerance {tolerance:.3f})",
+        {"full": full, "bpda": bpda, "tolerance": tolerance, "gradient_mode": gradient_mode},
     )
 
 
