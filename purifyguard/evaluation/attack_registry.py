@@ -10,6 +10,9 @@ between kinds (how it crafts, its default step, which settings apply, its budget
 | transfer        | PGD crafted on the undefended classifier, replayed on the defence | transfer     |
 | square          | Square attack, queries only                                    | black-box     |
 
+apgd-eot and pgd also take substitute= (smooth_substitute.py): the real defence forward, a smooth
+stand-in of its guidance network backward, on the same noise.
+
 A kind of your own, by one decorated function (or an Attack subclass, with run as a method):
 
     @register_attack("fgsm", default_step=1.0)
@@ -62,7 +65,8 @@ REFERENCE_SQUARE_QUERIES = 5000
 # gradient, or the defence's answers only.
 ACCESS = ("white-box", "bpda", "transfer", "black-box")
 # AttackSpec fields that apply to some kinds only (Attack.options); the others apply to all.
-OPTIONS = ("n_queries", "restarts", "loss", "momentum", "select_draws", "eot_weighting", "graft")
+OPTIONS = ("n_queries", "restarts", "loss", "momentum", "select_draws", "eot_weighting", "graft",
+           "substitute")
 # The record keys of kind-specific settings (Attack.own_settings), None for the other kinds.
 APGD_KEYS = ("restarts", "loss", "momentum", "select_draws", "eot_weighting", "graft",
              "step_schedule")
@@ -81,7 +85,8 @@ class Attack:
     access: one of ACCESS; picks the model run() gets and the report's gradient_mode.
     always_random_start: the attack starts from a random point whatever random_start says.
     stepped: run() calls on_step after each of the spec's steps (per-iteration progress).
-    options: the fields of OPTIONS that apply (n_queries for square, the APGD settings...).
+    options: the fields of OPTIONS that apply (n_queries for square, the APGD settings,
+        substitute for the white-box kinds that differentiate a smooth stand-in on request...).
     reference_steps / reference_eot / reference_queries: the protocol's reference; a spec below
         one of them is reported as reduced (steps None: not compared; eot only when uses_eot;
         queries only when n_queries is an option).
@@ -285,7 +290,8 @@ class APGDEOT(Attack):
     default_step = 2.0  # APGD's initial step, 2 eps
     min_steps = 1
     stepped = True
-    options = ("restarts", "loss", "momentum", "select_draws", "eot_weighting", "graft")
+    options = ("restarts", "loss", "momentum", "select_draws", "eot_weighting", "graft",
+               "substitute")
 
     def validate(self, spec: AttackSpec) -> None:
         if spec.n_restarts > spec.steps:
@@ -336,6 +342,8 @@ class _EOTPGD(Attack):
 @register_attack("pgd")
 class PGD(_EOTPGD):
     """PGD with EOT through the whole purified model."""
+
+    options = ("substitute",)
 
 
 @register_attack("autoattack-rand")

@@ -30,6 +30,15 @@ from purifyguard.evaluation.attack_registry import (
 )
 from purifyguard.evaluation.em_weighting import EOT_WEIGHTINGS
 from purifyguard.evaluation.pgd import NORMS
+from purifyguard.evaluation.seeds import derive_seed
+from purifyguard.evaluation.smooth_substitute import (
+    DEFAULT_BETA,
+    DEFAULT_POOL,
+    POOLS,
+    SUBSTITUTES,
+    SmoothSubstituteModel,
+    smooth_substitute,
+)
 from purifyguard.evaluation.trace import AttackTrace
 from purifyguard.validation import check_bool, check_choice, check_int, check_number
 
@@ -58,6 +67,12 @@ class AttackSpec:
     lets the crafting draws decide), eot_weighting ("mean": plain EOT, "em": DiffHammer-style),
     graft (one backward pass per iteration: the draws' gradients at the purified images grafted
     onto one draw's purification, grafting.py; needs a PurifiedModel).
+    apgd-eot and pgd only (smooth_substitute.py): substitute ("smooth" = "softplus", "silu",
+    "gelu"; None: off) runs the real defence forward and differentiates a stand-in whose
+    guidance network has its ReLUs made smooth with that activation and its max pooling
+    replaced by substitute_pool ("lse": LogSumExp, "avg"), sharpness substitute_beta, on the
+    same noise. These three enter the record (gradient_mode) and the batch keys only when
+    substitute is set.
     """
 
     kind: str = "pgd"
@@ -79,6 +94,9 @@ class AttackSpec:
     select_draws: int = 4
     eot_weighting: str = "mean"
     graft: bool = False
+    substitute: str | None = None
+    substitute_beta: float = DEFAULT_BETA
+    substitute_pool: str = DEFAULT_POOL
 
     def __post_init__(self) -> None:
         """Check every field (ValueError naming it); numbers are stored as plain floats/ints."""
@@ -113,6 +131,7 @@ class AttackSpec:
             if self.graft and "graft" not in attack.options:
                 owners = ", ".join(k for k, a in ATTACKS.items() if "graft" in a.options)
                 raise ValueError(f"graft=True is an option of {owners}, not of {self.kind!r}")
+            self._check_substitute(attack)
             attack.validate(self)
         except ValueError as error:
             raise ValueError(where + str(error)) from None
@@ -120,6 +139,30 @@ class AttackSpec:
             self.name = self.kind
         if not attack.uses_eot:
             self.eot = 1  # e.g. the undefended classifier and a query attack: no noise to average
+
+    def _check_substitute(self, attack: Attack) -> None:
+        if isinstance(self.substitute, str) and self.substitute.lower() == "none":
+            self.substitute = None
+        self.substitute_beta = check_number("substitute_beta", self.substitute_beta, positive=True)
+        check_choice("substitute_pool", self.substitute_pool, POOLS)
+        if self.substitute is None:
+            if self.substitute_beta != DEFAULT_BETA or self.substitute_pool != DEFAULT_POOL:
+                raise ValueError("substitute_beta and substitute_pool shape the smooth stand-in: "
+                                 "set substitute (e.g. substitute=smooth) to use them")
+            return
+        check_choice("substitute", self.substitute, SUBSTITUTES)
+        if "substitute" not in attack.options or attack.access != "white-box":
+            owners = ", ".join(k for k, a in ATTACKS.items()
+                               if "substitute" in a.options and a.access == "white-box")
+            raise ValueError(f"substitute={self.substitute!r} is an option of {owners}, not of "
+                             f"{self.kind!r}")
+
+    @property
+    def substitute_activation(self) -> str | None:
+        """The stand-in's activation ("smooth" is softplus); None without a substitute."""
+        if self.substitute is None:
+            return None
+        return "softplus" if self.substitute == "smooth" else self.substitute
 
     @property
     def attack(self) -> Attack:
@@ -148,9 +191,14 @@ class AttackSpec:
         access = self.attack.access
         if access != "white-box":
             return {"transfer": "transfer from undefended"}.get(access, access)
+        mode = "full"
         if self.gradient == "surrogate":
-            return f"surrogate({self.surrogate_sampler}, {self.surrogate_steps} steps)"
-        return "full"
+            mode = f"surrogate({self.surrogate_sampler}, {self.surrogate_steps} steps)"
+        if self.substitute is None:
+            return mode
+        substitute = (f"smooth substitute ({self.substitute_activation}, "
+                      f"beta={self.substitute_beta!r}, {self.substitute_pool} pool)")
+        return substitute if mode == "full" else f"{mode} + {substitute}"
 
     @property
     def reduced(self) -> bool:
@@ -176,8 +224,12 @@ class AttackSpec:
     @property
     def crafting_forward_passes(self) -> int:
         """Forward passes per example without a graph while crafting (graft: eot - 1 per
-        iteration; each also costs a backward pass through the classifier alone)."""
-        return self.steps * (self.eot - 1) if self.graft else 0
+        iteration; each also costs a backward pass through the classifier alone; substitute:
+        one real pass beside each differentiated stand-in pass)."""
+        passes = self.steps * (self.eot - 1) if self.graft else 0
+        if self.substitute is not None:
+            passes += self.steps * self.gradient_evaluations_per_iteration
+        return passes
 
     @property
     def selection_forward_passes(self) -> int:
@@ -300,7 +352,17 @@ def default_attacks(norm: str = "linf", eps: float = 0.1, steps: int = REFERENCE
 
 def attacked_model(spec: AttackSpec, model: nn.Module, undefended: nn.Module | None) -> nn.Module:
     """The model whose gradients (or queries) the attack uses, as its kind's access says; the
-    verdict always uses `model`."""
+    verdict always uses `model`. With spec.substitute, a SmoothSubstituteModel: that model's
+    value, a smooth stand-in's gradient (smooth_substitute.py)."""
+    attacked = _gradient_model(spec, model, undefended)
+    if spec.substitute is None:
+        return attacked
+    return smooth_substitute(attacked, spec.substitute_activation, spec.substitute_beta,
+                             spec.substitute_pool)
+
+
+def _gradient_model(spec: AttackSpec, model: nn.Module, undefended: nn.Module | None
+                    ) -> nn.Module:
     access = spec.attack.access
     if access == "transfer":
         if undefended is None:
@@ -336,6 +398,10 @@ def run_attack(
 ) -> torch.Tensor:
     """Adversarial images from `model` (already the attacked variant); `seed` fixes all its noise.
     on_step: called after each gradient iteration of the STEPPED_KINDS attacks (progress bars);
-    trace: filled with their crafting draws' answers per iteration (convergence curve)."""
+    trace: filled with their crafting draws' answers per iteration (convergence curve).
+    A SmoothSubstituteModel first measures its forward distance on the batch (its own noise,
+    from `seed`; model.record() holds it)."""
+    if isinstance(model, SmoothSubstituteModel):
+        model.measure(images, derive_seed(seed, "substitute distance"))
     torch.manual_seed(seed)
     return spec.attack.run(spec, model, images, labels, seed=seed, on_step=on_step, trace=trace)
