@@ -6,8 +6,10 @@
 Each routine runs as `accelerate launch -m purifyguard.train <routine> --config <file>.yaml`;
 the YAML files are written to --output-dir, so they can be edited and rerun by hand. The same
 commands run on one GPU, several GPUs or several machines as accelerate is configured (see
-docs/training.md). Needs the Fashion-MNIST IDX files (found in /usr/share/datasets/fashion-mnist
-or $PURIFYGUARD_FASHION_MNIST).
+docs/training.md). Needs the Fashion-MNIST IDX files: --data-root <folder>, or found in
+$PURIFYGUARD_FASHION_MNIST or /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist);
+without them it stops at once, saying so. To adapt a classifier you hold in memory (timm,
+torchvision or your own), see examples/adapt_classifier.py.
 """
 
 from __future__ import annotations
@@ -21,10 +23,19 @@ from pathlib import Path
 
 import yaml
 
+from purifyguard.train.inputs import load_training_data
+
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--full", action="store_true", help="the real setting (slow)")
 parser.add_argument("--output-dir", default="purifyguard-fine-tune")
+parser.add_argument("--data-root", help="folder of the Fashion-MNIST IDX files (default: "
+                    "$PURIFYGUARD_FASHION_MNIST or /usr/share/datasets/fashion-mnist)")
 args = parser.parse_args()
+# The data first: a missing data set is one message, before anything runs or is written.
+try:
+    load_training_data("fashion-mnist", args.data_root)
+except ValueError as error:
+    sys.exit(f"fine_tune.py: {error}")
 out = Path(args.output_dir)
 out.mkdir(parents=True, exist_ok=True)
 
@@ -33,20 +44,23 @@ out.mkdir(parents=True, exist_ok=True)
 #    is how the robust guidance network inside a purifier is trained (docs/training.md).
 guidance = {
     "model": "resnet10t", "model_kwargs": '{"channels": [8, 16, 32, 64]}',
-    "beta": 0, "pgd_steps": 0, "steps": 3, "batch_size": 4,
+    "beta": 0, "pgd_steps": 0, "optimizer_steps": 3, "batch_size": 4,
     "eval_images": 16, "checkpoint_every": 1000, "log_every": 1,
     "output_dir": str(out / "classifier"),
 }
 # 2. Adaptation: the registered purifier's guidance network and guidance scale, trained end to
-#    end against PGD on classifier(purify(x)) for the classifier of step 1.
+#    end against PGD on classifier(purify(x)) for the classifier of step 1. optimizer_steps is the
+#    length of the run; sampler_steps the reverse steps of the few-step purifier it trains through.
 adapt = {
-    "eps": 0.1, "attack_steps": 1, "train_steps": 2, "steps": 2, "batch_size": 2,
+    "eps": 0.1, "attack_steps": 1, "sampler_steps": 2, "optimizer_steps": 2, "batch_size": 2,
     "checkpoint_every": 1000, "log_every": 1, "output_dir": str(out / "adapted"),
 }
 if args.full:
     guidance.update(model="resnet18", model_kwargs='{"channels": [16, 32, 64, 128]}',
-                    steps=4000, batch_size=128, eval_images=10000)
-    adapt.update(attack_steps=3, steps=500, batch_size=32)
+                    optimizer_steps=4000, batch_size=128, eval_images=10000)
+    adapt.update(attack_steps=3, optimizer_steps=500, batch_size=32)
+if args.data_root:
+    guidance["data_root"] = adapt["data_root"] = str(Path(args.data_root).resolve())
 
 env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 # --purifier and --classifier are required options, which argparse wants on the command line.

@@ -69,7 +69,7 @@ def adapt_inputs(tmp_path_factory) -> list[str]:
     )
     save_guidance_network(classifier.eval(), folder / "classifier")
     return ["--purifier", str(folder / "purifier"), "--classifier", str(folder / "classifier"),
-            "--attack-steps", "2", "--train-steps", "2"]
+            "--attack-steps", "2", "--sampler-steps", "2"]
 
 
 def train(
@@ -170,7 +170,7 @@ def _same_state(first: Path, second: Path) -> bool:
 def test_adapt_trains_the_guidance_network_and_exports_an_adapted_purifier(
     tmp_path, adapt_inputs
 ):
-    train("adapt", tmp_path, "--steps", "2", "--batch-size", "4", "--log-every", "1",
+    train("adapt", tmp_path, "--optimizer-steps", "2", "--batch-size", "4", "--log-every", "1",
           "--lr", "1e-2", "--scale-lr", "0.5", *adapt_inputs)
 
     before = Purifier.from_pretrained(adapt_inputs[1])

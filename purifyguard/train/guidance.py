@@ -5,9 +5,13 @@
     accelerate launch -m purifyguard.train guidance --model resnet18 \\
         --model-kwargs '{"channels": [16, 32, 64, 128]}' --eps 0.1 --beta 6 --pgd-steps 10
 
---teacher <folder> makes the targets y a given classifier's own clean predictions, so the robust
-latent space follows that classifier's semantics. --beta 0 --pgd-steps 0 is plain training,
-which is how the standard classifier of the demo is trained. The export (output_dir/final) is
+--teacher makes the targets y a given classifier's own clean predictions, so the robust latent
+space follows that classifier's semantics: any classifier `purifyguard train adapt --classifier`
+takes (a classifier folder, a timm or torchvision name with --teacher-checkpoint or
+--teacher-pretrained), read through the input handling of a deployed PurifiedModel
+(--teacher-mean, --teacher-std, --teacher-input-size; a torchvision model needs them, or
+--teacher-pretrained, whose weights' transforms give them). --beta 0 --pgd-steps 0 is plain
+training, which is how the standard classifier of the demo is trained. The export (output_dir/final) is
 the network as safetensors with its timm architecture and kwargs.
 
 With --validation-size N the run holds N training images out, measures clean and PGD accuracy
@@ -19,7 +23,6 @@ clean accuracy otherwise) and exports it (--export best), since robust training 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,12 @@ from torch import nn
 
 from purifyguard.data import load_dataset
 from purifyguard.files import write_atomic, write_json
+from purifyguard.train.inputs import (
+    add_classifier_arguments,
+    check_pipeline,
+    classifier_from_options,
+    flags_of,
+)
 from purifyguard.train.options import (
     HelpFormatter,
     add_common_arguments,
@@ -58,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="PGD steps of the TRADES adversary (0: plain training)")
     parser.add_argument("--pgd-step-size", type=positive_float,
                         help="PGD step size (default: eps / 4)")
-    parser.add_argument("--teacher", type=text, help="folder of a saved timm classifier whose "
-                        "clean predictions become the targets (default: the data set's labels)")
+    add_classifier_arguments(parser, "teacher", "a classifier whose clean predictions become "
+                             "the targets", required=False, absent="none: the data set's labels")
     parser.add_argument("--weight-decay", type=non_negative_float, default=5e-4,
                         help="SGD weight decay")
     parser.add_argument("--augment", action="store_true",
@@ -152,7 +161,12 @@ def main(argv: list[str] | None = None) -> None:
         args.model, num_classes=args.num_classes, in_chans=args.in_chans,
         pretrained_cfg_overlay=raw_input_config(dataset[0][0].shape), **args.model_kwargs,
     )
-    teacher = load_guidance_network(Path(args.teacher)).to(run.device) if args.teacher else None
+    teacher = None
+    if args.teacher:  # behind its deployed input handling (normalisation, size), checked
+        teacher = classifier_from_options(args, "teacher", full_training_set)
+        check_pipeline(teacher, full_training_set, flags_of("teacher"),
+                       explicit_size=args.teacher_input_size is not None)
+        teacher = teacher.requires_grad_(False).to(run.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9,
                                 weight_decay=args.weight_decay, nesterov=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr,

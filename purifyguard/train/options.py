@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,24 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+class RenamedOption(argparse.Action):
+    """Stores the value like a plain option; given under one of its old flags, it also prints a
+    note (to stderr) saying what the option counts, where the old name misleads (--train-steps is
+    not the number of training steps)."""
+
+    def __init__(self, option_strings: list[str], dest: str, old_name_note: str = "",
+                 **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.old_name_note = old_name_note
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        if option_string is not None and option_string != self.option_strings[0]:
+            print(f"{parser.prog}: note: {option_string} is the old name of "
+                  f"{self.option_strings[0]}{self.old_name_note}", file=sys.stderr)
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse flags; a --config file supplies defaults that explicit flags override.
 
@@ -123,15 +142,37 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -
     return parser.parse_args(argv)
 
 
+def options_from_keywords(
+    parser: argparse.ArgumentParser, values: dict[str, Any], caller: str
+) -> argparse.Namespace:
+    """The options of a Python call, given by keyword as a config file names them (by dest or by
+    any flag: optimizer_steps or steps), checked and converted by each option's own type and
+    choices; the others take their defaults. ValueError naming the keyword and the caller."""
+    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    dests = _flag_dests(parser)
+    unknown = sorted(key for key in values if dests.get(key, key) not in actions)
+    if unknown:
+        known = sorted(dest for dest in actions if dest != "config")
+        raise ValueError(f"{caller}: unknown options {unknown}; the options are {known}")
+    try:
+        _by_dest(values, parser)  # two keys naming one option
+    except ValueError as error:
+        raise ValueError(f"{caller}: {error}") from None
+    namespace = {dest: action.default for dest, action in actions.items()}
+    for key, value in values.items():
+        dest = dests.get(key, key)
+        try:
+            namespace[dest] = _config_value(actions[dest], value)
+        except argparse.ArgumentTypeError as error:
+            raise ValueError(f"{caller}: {key}={value!r}: {error}") from None
+    return argparse.Namespace(**namespace)
+
+
 def _by_dest(values: dict[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
     """A config file's options keyed by dest: a key may also be any of an option's flags
     (optimizer_steps or steps for --optimizer-steps/--steps, dest steps); ValueError when two
     keys name the same option."""
-    dests = {}
-    for action in parser._actions:
-        for flag in action.option_strings:
-            if flag.startswith("--"):
-                dests[flag[2:].replace("-", "_")] = action.dest
+    dests = _flag_dests(parser)
     by_dest: dict[str, Any] = {}
     named: dict[str, str] = {}
     for key, value in values.items():
@@ -140,6 +181,12 @@ def _by_dest(values: dict[str, Any], parser: argparse.ArgumentParser) -> dict[st
             raise ValueError(f"{named[dest]} and {key} name the same option ({dest})")
         by_dest[dest], named[dest] = value, key
     return by_dest
+
+
+def _flag_dests(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each long flag as a key (optimizer_steps for --optimizer-steps) -> its option's dest."""
+    return {flag[2:].replace("-", "_"): action.dest for action in parser._actions
+            for flag in action.option_strings if flag.startswith("--")}
 
 
 def _config_value(action: argparse.Action, value: Any) -> Any:
