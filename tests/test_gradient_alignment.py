@@ -71,10 +71,9 @@ def test_the_predicted_alignment_matches_the_measured_one_on_a_noisy_gradient(no
     measured = F.cosine_similarity(averages, expected.expand_as(averages), dim=2).mean()
     predicted = sum(alignment_of_eot(r, 4) for r in result["rho_per_image"]) / len(labels)
     assert float(measured) == pytest.approx(predicted, abs=0.06)
-    eot = result["recommended_eot"]  # the smallest EOT whose mean alignment reaches 0.9
-    at = [sum(alignment_of_eot(r, k) for r in result["rho_per_image"]) / len(labels)
-          for k in (eot - 1, eot)]
-    assert at[1] >= 0.9 and (eot == 1 or at[0] < 0.9)
+    assert result["alignment"] == pytest.approx(
+        sum(alignment_of_eot(r, 2) for r in result["rho_per_image"]) / len(labels))
+    assert result["recommended_eot"] == eot_for_alignment(result["rho"])
 
 
 def test_a_low_alignment_warns_and_names_the_eot_that_would_do():
@@ -92,3 +91,53 @@ def test_bad_arguments_are_refused_by_name():
         measure_gradient_alignment(NoisyGradient(0.0), images, labels, draws=1)
     with pytest.raises(ValueError, match="eot"):
         measure_gradient_alignment(NoisyGradient(0.0), images, labels, eot=0)
+
+
+# --- in the harness: measured before each gradient attack, stored, reported --------------------
+
+
+def test_evaluate_reports_the_eot_alignment_of_each_gradient_attack_and_measures_it_once(
+        make_purifier, tmp_path, monkeypatch):
+    from test_evaluation import structured_batch, tiny_classifier
+
+    from purifyguard import PurifiedModel, evaluate
+    from purifyguard.evaluation import gradient_alignment, validate_report
+
+    model = PurifiedModel(tiny_classifier(), make_purifier(t_star=3), mean=(0.5,), std=(0.5,))
+    attacks = ["pgd:eps=0.1,steps=1,eot=2", "square:eps=0.1,n_queries=2"]
+    report = evaluate(model, structured_batch(4), attacks, n=4, runs=1, eot_check=3,
+                      output_dir=tmp_path, progress=False)
+    validate_report(report)
+    pgd, square = report["records"]
+    alignment = pgd["eot_alignment"]
+    assert alignment["images"] == 3 and alignment["eot"] == 2 and len(alignment["rho_per_image"]) == 3
+    assert -1 <= alignment["rho"] < 1  # a DDPM purifier: every draw differs
+    assert alignment["recommended_eot"] == eot_for_alignment(alignment["rho"])
+    assert square["eot_alignment"] is None  # no gradient, no EOT to size
+    assert (tmp_path / "eot-alignment.json").is_file()
+
+    calls = []
+    monkeypatch.setattr(gradient_alignment, "measure_gradient_alignment",
+                        lambda *args, **kwargs: calls.append(args))
+    again = evaluate(model, structured_batch(4), attacks, n=4, runs=1, eot_check=3,
+                     output_dir=tmp_path, progress=False)
+    assert not calls and again["records"][0]["eot_alignment"] == alignment  # resumed, not redone
+    off = evaluate(model, structured_batch(4), attacks[:1], n=4, runs=1, eot_check=0,
+                   progress=False)
+    assert off["records"][0]["eot_alignment"] is None
+
+
+def test_a_substitute_attack_reports_its_forward_distance(make_purifier, guidance_network):
+    from test_evaluation import structured_batch, tiny_classifier
+
+    from purifyguard import PurifiedModel, evaluate
+
+    purifier = make_purifier(t_star=3, sampler="ddim", n_steps=2, guidance="adversarial",
+                             guidance_scale=5.0)
+    model = PurifiedModel(tiny_classifier(), purifier, mean=(0.5,), std=(0.5,))
+    report = evaluate(model, structured_batch(4), ["pgd:eps=0.1,steps=1,eot=1,substitute=smooth"],
+                      n=4, batch_size=2, runs=1, eot_check=0, progress=False)
+    substitute = report["records"][0]["substitute"]
+    assert substitute["batches"] == 2 and substitute["activation"] == "softplus"
+    distance = substitute["forward_distance"]
+    assert distance["n"] == 4 and 0 < distance["logits_linf_mean"] <= distance["logits_linf_max"]

@@ -11,9 +11,11 @@ so reaching an alignment a takes
     k = a^2 (1 - rho) / ((1 - a^2) rho)        (a = 0.9: k = 0.81 (1 - rho) / (0.19 rho)).
 
 measure_gradient_alignment() estimates rho on a few images (every pair of `draws` single-draw
-gradients of the cross-entropy, each draw with fresh purification noise), image by image since
-rho differs between images, and reports the smallest EOT whose alignment, averaged over the
-images, reaches `target`, and the averaged alignment of the EOT an attack uses. A
+gradients of the cross-entropy, each draw with fresh purification noise) and reports the EOT
+that brings the alignment at the mean rho to `target`. Since rho differs between images (an
+image whose gradient is all noise has rho near 0, and no EOT aligns it), the alignment of the
+EOT an attack uses is averaged over the images' own rho, which predicts the measured alignment
+where the mean rho does not (tests/test_gradient_alignment.py). A
 deterministic model has rho = 1: EOT 1 is exact. EOT adds to iterations, it does not replace
 them (docs/evaluation.md, "How much EOT").
 """
@@ -21,7 +23,9 @@ them (docs/evaluation.md, "How much EOT").
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,13 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from purifyguard.evaluation.seeds import derive_seed
+from purifyguard.files import read_json, write_json
 from purifyguard.validation import check_int, check_number
+
+logger = logging.getLogger(__name__)
 
 TARGET_ALIGNMENT = 0.9
 WARN_BELOW = 0.8
 DRAWS = 4
 _RHO_FLOOR = 1e-4  # below it the draws share no direction worth averaging towards
-MAX_EOT = 100_000
 
 
 def alignment_of_eot(rho: float, eot: int) -> float:
@@ -71,9 +77,10 @@ def measure_gradient_alignment(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eot: int | None = None,
     draws: int = DRAWS, seed: int = 0, target: float = TARGET_ALIGNMENT,
 ) -> dict[str, Any]:
-    """rho (the mean cosine between single-draw gradients, over image and draw pairs), the EOT
-    that reaches `target` alignment, and the alignment of `eot` if given; a `warning` string
-    when that alignment is below WARN_BELOW (None otherwise)."""
+    """rho (the mean cosine between single-draw gradients, over image and draw pairs) and each
+    image's, the EOT that reaches `target` alignment at the mean rho, and the alignment of `eot`
+    if given (averaged over the images); a `warning` string when that alignment is below
+    WARN_BELOW (None otherwise)."""
     draws = check_int("draws", draws, 2)
     if eot is not None:
         eot = check_int("eot", eot, 1)
@@ -86,15 +93,9 @@ def measure_gradient_alignment(
     def mean_alignment(k: int) -> float:
         return sum(alignment_of_eot(r, k) for r in per_image) / len(per_image)
 
-    # Between the formula's answer for the best and the worst image; the mean alignment rises
-    # with k, so bisect for the smallest k that reaches the target.
-    low, high = 1, min(MAX_EOT, max(eot_for_alignment(r, target) for r in per_image))
-    while low < high:
-        middle = (low + high) // 2
-        low, high = (low, middle) if mean_alignment(middle) >= target else (middle + 1, high)
     result: dict[str, Any] = {
         "rho": rho, "rho_per_image": per_image, "images": len(labels), "draws": draws,
-        "target": target, "recommended_eot": low,
+        "target": target, "recommended_eot": eot_for_alignment(rho, target),
         "eot": eot, "alignment": None if eot is None else mean_alignment(eot), "warning": None,
     }
     if eot is not None and result["alignment"] < WARN_BELOW:
@@ -104,3 +105,24 @@ def measure_gradient_alignment(
             f"images); EOT {result['recommended_eot']} would reach {target}"
         )
     return result
+
+
+ALIGNMENT_FILE = "eot-alignment.json"
+
+
+def measured_alignment(
+    output_dir: Path | None, key: str, model: nn.Module, images: torch.Tensor,
+    labels: torch.Tensor, *, eot: int, seed: int, write: bool = True,
+) -> dict[str, Any]:
+    """measure_gradient_alignment for one attacked model, kept in output_dir/eot-alignment.json
+    under `key` (the model, its version and the attack's settings), so a resumed evaluation
+    measures it once; a warning is logged when the EOT used aligns poorly."""
+    stored = read_json(output_dir / ALIGNMENT_FILE, "the EOT alignment file") \
+        if output_dir is not None and (output_dir / ALIGNMENT_FILE).is_file() else {}
+    if key not in stored:
+        stored[key] = measure_gradient_alignment(model, images, labels, eot=eot, seed=seed)
+        if output_dir is not None and write:
+            write_json(output_dir / ALIGNMENT_FILE, stored)
+    if stored[key]["warning"]:
+        logger.warning("%s: %s", key, stored[key]["warning"])
+    return stored[key]

@@ -54,10 +54,12 @@ from purifyguard.evaluation.attacks import (
 )
 from purifyguard.evaluation.convergence import save_convergence_plot
 from purifyguard.evaluation.example_selection import Data, fingerprint, select_examples
+from purifyguard.evaluation.gradient_alignment import measured_alignment
 from purifyguard.evaluation.pgd import perturbation_norm
 from purifyguard.evaluation.report import build_report, write_report
 from purifyguard.evaluation.sanity import sanity_checks, save_eps_sweep_plot
 from purifyguard.evaluation.seeds import derive_seed
+from purifyguard.evaluation.smooth_substitute import substitute_record
 from purifyguard.evaluation.store import CLEAN, BatchStore, batch_key
 from purifyguard.evaluation.trace import AttackTrace
 from purifyguard.evaluation.verdict import predictions
@@ -86,6 +88,7 @@ def evaluate(
     class_names: Sequence[str] | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    eot_check: int = 8,
 ) -> dict[str, Any]:
     """Clean and robust accuracy of one model (a PurifiedModel, or any [0, 1] -> logits model).
 
@@ -101,6 +104,9 @@ def evaluate(
     sanity: also run the sanity checks (sanity.py) on the first sanity_n examples.
     device: where the model and images go (e.g. "cpu", "cuda:1"); None takes accelerate's
         device for this process (the GPU when there is one).
+    eot_check: on this many of the first examples, measure how well each gradient attack's EOT
+        aligns with the expected gradient (gradient_alignment.py; the record's eot_alignment,
+        a warning below 0.8); 0 skips it.
     Returns the report (the JSON document, as a dict). Every argument is checked before any
     model runs (ValueError naming it).
     """
@@ -111,7 +117,7 @@ def evaluate(
         model, data, attacks, n=n, batch_size=batch_size, runs=runs, seed=seed,
         output_dir=output_dir, resume=resume, model_name=model_name, undefended=undefended,
         sanity=sanity, sanity_n=sanity_n, class_names=class_names, progress=progress,
-        device=device,
+        device=device, eot_check=eot_check,
     )
 
 
@@ -142,6 +148,7 @@ def evaluate_models(
     class_names: Sequence[str] | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    eot_check: int = 8,
 ) -> dict[str, Any]:
     """Several models on the same images, attacks and seeds; one record per model x attack.
 
@@ -153,7 +160,7 @@ def evaluate_models(
         models, data, attacks, n=n, batch_size=batch_size, runs=runs, seed=seed,
         output_dir=output_dir, resume=resume, undefended=undefended, sanity=sanity,
         sanity_n=sanity_n, class_names=class_names, progress=progress, device=device,
-        models_checked=False,
+        eot_check=eot_check, models_checked=False,
     )
 
 
@@ -163,7 +170,7 @@ def _evaluate_models(
     output_dir: str | Path | None = None, resume: bool = True,
     undefended: dict[str, nn.Module | None] | None = None, sanity: bool = False,
     sanity_n: int | None = None, class_names: Sequence[str] | None = None,
-    progress: bool = True, device: str | torch.device | None = None,
+    progress: bool = True, device: str | torch.device | None = None, eot_check: int = 8,
     models_checked: bool = False,
 ) -> dict[str, Any]:
     """evaluate_models; models_checked: the models and undefended (one each) come from
@@ -181,6 +188,7 @@ def _evaluate_models(
     check_bool("sanity", sanity)
     check_bool("progress", progress)
     sanity_n = check_optional_int("sanity_n", sanity_n, 1)
+    eot_check = check_int("eot_check", eot_check, 0)
     class_names = check_class_names(class_names)
     device = check_device(device)
     undefended = dict(undefended) if models_checked else check_undefended(undefended, models)
@@ -197,7 +205,7 @@ def _evaluate_models(
         return _evaluate(models, images, labels, specs, batch_size=batch_size, runs=runs,
                          seed=seed, output_dir=output_dir, resume=resume, undefended=undefended,
                          sanity=sanity, sanity_n=sanity_n, class_names=class_names,
-                         progress=progress, state=state,
+                         progress=progress, state=state, eot_check=eot_check,
                          device=state.device if device is None else device)
 
 
@@ -267,6 +275,7 @@ def _evaluate(
     specs: list[AttackSpec], *, batch_size: int, runs: int, seed: int, output_dir: Path | None,
     resume: bool, undefended: dict[str, nn.Module | None], sanity: bool, sanity_n: int | None,
     class_names: Sequence[str] | None, progress: bool, state: PartialState, device: torch.device,
+    eot_check: int,
 ) -> dict[str, Any]:
     settings = {
         "seed": seed, "n": len(labels), "batch_size": batch_size, "runs": runs,
@@ -277,12 +286,21 @@ def _evaluate(
     state.wait_for_everyone()
     descriptions = {name: describe_model(model) for name, model in models.items()}
     new_records = []
+    alignments: dict[tuple[str, str], dict[str, Any]] = {}
     started = time.perf_counter()
     for model_name, model in models.items():
         model.to(device).eval()
         bare = undefended.get(model_name)
         bare = _undefended_of(model) if bare is None else bare
         for spec in [None, *specs]:
+            if spec is not None and eot_check and spec.attack.uses_eot \
+                    and spec.attack.access in ("white-box", "bpda"):
+                key = batch_key(model_name, spec, 0, descriptions[model_name]["version"])
+                alignments[model_name, spec.label] = measured_alignment(
+                    output_dir, key.rpartition("|")[0], attacked_model(spec, model, bare),
+                    images[:eot_check].to(device), labels[:eot_check].to(device),
+                    eot=spec.eot, seed=derive_seed(seed, "eot-alignment", spec.label),
+                    write=state.is_main_process)
             state.wait_for_everyone()
             store.load()
             new_records += _run_batches(
@@ -310,7 +328,7 @@ def _evaluate(
     report = build_report(
         settings, records, descriptions, specs,
         sanity_results, num_processes=state.num_processes, device=str(device),
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, alignments=alignments,
     )
     if output_dir is not None and state.is_main_process:
         write_report(report, output_dir)
@@ -374,6 +392,9 @@ def _run_batches(
                         f", batch {batch}): an attack must project its images into the ball"
                     )
                 record["perturbation"] = sizes.tolist()
+                substitute = substitute_record(attacker)
+                if substitute is not None:
+                    record["substitute"] = substitute
                 if trace.correct:
                     record["curve"] = trace.to_record()
                 if batch == 0 and output_dir is not None:

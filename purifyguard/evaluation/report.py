@@ -43,9 +43,11 @@ RECORD_SCHEMA = {
     "seconds": _NUMBER,
     "sanity": str,
     "convergence": (dict, type(None)),
+    "eot_alignment": (dict, type(None)),
+    "substitute": (dict, type(None)),
 }
 # Keys added after reports were first published: a report written before them still validates.
-LATER_KEYS = frozenset({"graft", "crafting_forward_passes"})
+LATER_KEYS = frozenset({"graft", "crafting_forward_passes", "eot_alignment", "substitute"})
 CHECK_SCHEMA = {"check": str, "passed": bool, "message": str, "values": dict}
 REPORT_SCHEMA = {
     "schema_version": int,
@@ -63,9 +65,10 @@ REPORT_SCHEMA = {
 def build_report(
     settings: dict[str, Any], records: dict[str, dict], models: dict[str, dict],
     specs: list[AttackSpec], sanity: dict[str, list[dict]] | None, *, num_processes: int,
-    device: str, seconds: float,
+    device: str, seconds: float, alignments: dict[tuple[str, str], dict] | None = None,
 ) -> dict[str, Any]:
-    """Aggregate the finished batches into one record per model x attack."""
+    """Aggregate the finished batches into one record per model x attack; `alignments` holds
+    the measured EOT alignment of (model, attack) pairs (gradient_alignment.py)."""
     from purifyguard.version import __version__
 
     n_batches = -(-settings["n"] // settings["batch_size"])
@@ -105,6 +108,8 @@ def build_report(
                 "seconds": sum(r["seconds"] for r in attacked),
                 "sanity": verdict,
                 "convergence": convergence,
+                "eot_alignment": (alignments or {}).get((model_name, spec.label)),
+                "substitute": _substitute_summary(attacked),
             })
     return {
         "schema_version": SCHEMA_VERSION,
@@ -124,6 +129,30 @@ def _batches(records: dict, model_name: str, spec: AttackSpec | None, n_batches:
     if missing:
         raise RuntimeError(f"batches never finished: {missing[:3]} ({len(missing)} in all)")
     return [records[k] for k in keys]
+
+
+def _substitute_summary(batches: list[dict]) -> dict[str, Any] | None:
+    """The smooth substitute an attack differentiated (smooth_substitute.py) and how far its
+    forward was from the real defence's, over the batches: mean of the batch means, largest
+    maximum. None for an attack without one."""
+    measured = [b["substitute"] for b in batches if b.get("substitute")]
+    if not measured:
+        return None
+    distances = [m["forward_distance"] for m in measured if m.get("forward_distance")]
+    summary = {k: v for k, v in measured[0].items()
+               if k not in ("forward_distance", "logit_distance_during_attack")}
+    combine = {"n": sum, "seed": None}  # images in all; seeds differ per batch
+    summary["forward_distance"] = {
+        key: (combine.get(key, max if key.endswith("max") else _mean))([d[key] for d in distances])
+        for key in (distances[0] if distances else {})
+        if combine.get(key, 0) is not None and all(key in d for d in distances)
+    }
+    summary["batches"] = len(measured)
+    return summary
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _predictions(batches: list[dict]) -> torch.Tensor:
