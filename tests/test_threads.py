@@ -69,3 +69,13 @@ def test_the_command_line_asks_openmp_to_sleep_not_spin():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=True, env={"PATH": ""})
     assert done.stdout.strip().splitlines()[-1] == "PASSIVE"
+
+
+def test_training_routines_take_threads_and_a_resumed_run_may_change_them():
+    from purifyguard.train import guidance
+    from purifyguard.train.options import option_differences, parse_with_config
+
+    args = parse_with_config(guidance.build_parser(), ["--threads", "1"])
+    assert args.threads == 1
+    assert parse_with_config(guidance.build_parser(), []).threads is None
+    assert option_differences({**vars(args), "threads": 2}, vars(args)) == []

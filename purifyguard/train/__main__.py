@@ -6,6 +6,8 @@ import importlib
 import os
 import sys
 
+from purifyguard.threads import prefer_sleeping_threads
+
 ROUTINES = {
     "diffusion": "train the denoiser (a diffusers UNet2DModel, with EMA weights)",
     "guidance": "train the guidance network / classifier (TRADES or standard)",
@@ -29,6 +31,7 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    prefer_sleeping_threads()  # before torch loads (accelerate launch -m purifyguard.train)
     if argv and argv[0] in ("-h", "--help"):
         print(usage(), end="")
         raise SystemExit(0)

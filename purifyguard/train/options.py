@@ -31,12 +31,13 @@ from purifyguard.option_types import (  # noqa: F401 (the routines import them f
     text,
     unit_interval,
 )
+from purifyguard.threads import add_threads_argument
 
 # Options that do not change what a run computes: --resume may differ in these from the run it
 # continues. Every other option defines the run (see TrainingRun and defining_options).
 NOT_DEFINING = frozenset({
     "resume", "no_progress", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers",
-    "output_dir", "config", "data_root",
+    "output_dir", "config", "data_root", "threads",
 })
 
 
@@ -85,6 +86,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=non_negative_int, default=0,
                         help="DataLoader worker processes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(parser)
 
 
 class RenamedOption(argparse.Action):

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from purifyguard.files import read_json, write_atomic, write_json
 from purifyguard.provenance import portable_command
+from purifyguard.threads import use_threads
 from purifyguard.train import checkpoint
 from purifyguard.train.checkpoint import CheckpointError
 from purifyguard.train.options import defining_options, option_differences
@@ -58,6 +59,7 @@ class TrainingRun:
         self.output_dir = Path(args.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.metrics_file = self.output_dir / "metrics.jsonl"
+        use_threads(getattr(args, "threads", None))
         tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
         self.accelerator = Accelerator(
             cpu=_distributed_without_gpu(),
