@@ -28,24 +28,53 @@ DISTANCES = ("l2", "cosine")
 class PurifierConfig:
     """How a purifier noises, denoises and guides.
 
-    t_star: purification level, an integer diffusion step in [0, T]; t_star = 0 is the identity.
-    sampler: "ddpm" (t_star ancestral steps) or "ddim" (n_steps steps on a sub-sequence, with eta;
-        n_steps None means min(10, t_star)), or any name registered with
-        purifyguard.samplers.register_sampler.
-    guidance: "none" (DiffPure-style), "pixel" (GDMP-style) or "adversarial" (AGDM).
-    guidance_scale: s in  mean <- mean - s_t * grad L;  s_t = s * (1 - abar_t / abar_prev) for the
-        "variance" schedule (beta_t for one DDPM step), s_t = s for "constant".
-    guidance_on: where the adversarial guidance reads the sample, x0_hat(x_t) or x_t itself.
-    distance: D in the latent space of the guidance network, squared "l2" or "cosine".
-    class_weight: lambda of the optional class term  -lambda * log p(y_hat | x0_hat).
-    guidance_layer: where the adversarial guidance reads the guidance network's features: None
-        for the pre-logit features (timm's forward_head(pre_logits=True), or the input of the
-        last nn.Linear of any other network), or the name of a layer (network.get_submodule),
-        whose output is read.
-    gradient_mode: what an attacker's backward sees, "full", "bpda" (identity) or "surrogate".
-    surrogate_sampler / surrogate_steps: the cheaper process a "surrogate" backward runs.
-    checkpointing: recompute each reverse step in the backward instead of storing it.
-    fixed_noise: draw the same noise on every call (seed noise_seed), for deterministic evaluation.
+    Every field has a default; `replace(**changes)` returns a validated copy, and
+    `validate()` names the first setting of the wrong type or out of range.
+
+    Attributes:
+        t_star: Purification level, an integer diffusion step in [0, T] (T the schedule's
+            steps); the input is noised to t_star and denoised back. t_star = 0 is the identity.
+        sampler: The reverse process: "ddpm" (t_star ancestral steps), "ddim" (n_steps steps on
+            a sub-sequence, with eta), or any name registered with
+            purifyguard.samplers.register_sampler.
+        n_steps: Steps of "ddim" (and of any sampler that sets uses_n_steps); None means
+            min(10, t_star). Checked under "ddpm" too, so a later switch to "ddim" is valid.
+        eta: DDIM's noise in [0, 1]: 0 is deterministic after the forward noising, 1 is
+            DDPM-like.
+        guidance: "none" (unguided, DiffPure-style), "pixel" (toward the input in pixel space,
+            GDMP-style) or "adversarial" (toward the input's latent representation in the
+            guidance network, AGDM).
+        guidance_scale: s in  mean <- mean - s_t * grad L  (a finite number >= 0; 0 turns the
+            guidance off), with s_t as scale_schedule says.
+        scale_schedule: How s_t follows s: "variance" gives s_t = s * (1 - abar_t / abar_prev)
+            (beta_t for one DDPM step), "constant" gives s_t = s.
+        guidance_on: Where the adversarial guidance reads the sample: "x0_hat" (the denoiser's
+            estimate of clean data) or "x_t" itself.
+        distance: D in the guidance network's latent space: squared "l2" or "cosine".
+        class_weight: lambda of the optional class term  -lambda * log p(y_hat | x0_hat)
+            (>= 0; 0 leaves it out).
+        gradient_mode: What an attacker's backward sees: "full" (through every step, the
+            guidance term included), "bpda" (the identity) or "surrogate" (the cheaper process
+            below).
+        surrogate_sampler: The sampler a "surrogate" backward runs.
+        surrogate_steps: Its steps (>= 1).
+        checkpointing: Recompute each reverse step in the backward instead of storing it (less
+            memory for full gradients, more time).
+        fixed_noise: Draw the same noise on every call (seeded with noise_seed), for
+            deterministic evaluation; a seed or generator given to purify still wins.
+        noise_seed: The seed of fixed_noise, an integer in [0, 2**63).
+        resolution: The denoiser's image size; read off the denoiser when the purifier is
+            built. PurifiedModel resizes to it and back.
+        channels: The denoiser's image channels; read off the denoiser like resolution.
+            PurifiedModel converts 1 <-> 3 channels to it and back.
+        training_data: What the denoiser was trained on, for the model card (None: not
+            recorded).
+        extra: JSON values saved with the purifier, such as the training record that the model
+            card shows.
+        guidance_layer: Where the adversarial guidance reads the guidance network's features:
+            None for the pre-logit features (timm's forward_head(pre_logits=True), or the input
+            of the last nn.Linear of any other network), or the name of a layer
+            (network.get_submodule), whose output is read.
     """
 
     t_star: int = 100
@@ -144,6 +173,8 @@ class PurifierConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values, with the config version (as purifier_config.json holds
+        them)."""
         values = dataclasses.asdict(self)
         if values["guidance_layer"] is None:  # so that purifyguard versions before it read it
             del values["guidance_layer"]
@@ -174,10 +205,12 @@ class PurifierConfig:
             raise ValueError(f"{source}: {error}") from None
 
     def save(self, path: str | Path) -> None:
+        """Write to_dict() to a JSON file."""
         write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> PurifierConfig:
+        """Read a JSON file that save() wrote (checked by from_dict)."""
         return cls.from_dict(read_json(path, "purifier config"), path)
 
 

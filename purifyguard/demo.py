@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from purifyguard.evaluation.cli import add_device_argument, evaluation_device
-from purifyguard.files import write_atomic
 from purifyguard.option_types import positive_float, positive_int
 from purifyguard.presets import CLASSIFIERS
+
+PICTURE_ROWS = 4  # images in demo.png
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,14 +89,42 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
              f"adaptive PGD-{args.adaptive_steps} x EOT-{args.eot}, full gradient through "
              f"purifier + classifier (reduced from {REFERENCE_STEPS} x {REFERENCE_EOT})"),
     ]
-    grid = output / "adaptive" / "grid-purified-adaptive-pgd.png"
-    if grid.exists():
-        write_atomic(output / "demo.png", grid.read_bytes())
+    picture = save_picture(defended, transfer, images, labels, classes, output, args)
     print()
     print(table(rows, args.eps, args.runs, args.seed))
-    print(f"picture: {output / 'demo.png'} (clean / adversarial / purified, with predictions)")
+    if picture is not None:
+        print(f"picture: {picture} (clean; adversarial, with the bare classifier's prediction; "
+              "purified, with the defended model's)")
     print(f"reports: {output}/*/report.md and report.json; {time.perf_counter() - started:.0f} s")
     return rows
+
+
+def save_picture(defended, spec, images, labels, classes, output: Path,
+                 args: argparse.Namespace) -> Path | None:
+    """demo.png from the transfer attack's first batch (PGD on the bare classifier, replayed on
+    the purified model): clean | adversarial | purified. The adversarial image carries the bare
+    classifier's prediction (the undefended model fooled), the purified image the defended
+    model's (the classifier on that purification), so the picture shows what purification
+    changes. It illustrates, it does not measure: the adaptive attack's row of the table is the
+    robustness figure. None when no batch was kept."""
+    from purifyguard.evaluation.adversarial_files import adversarial_path, load_adversarial
+    from purifyguard.evaluation.grid import save_grid
+    from purifyguard.evaluation.seeds import derive_seed
+
+    folder = output / "transfer"
+    path = adversarial_path(folder, "purified", spec.label)
+    if not path.exists():
+        return None
+    adversarial = load_adversarial(path, folder, images)
+    count = min(PICTURE_ROWS, len(adversarial))
+    return save_grid(
+        defended, images[:count], adversarial[:count], labels[:count], output / "demo.png",
+        seed=derive_seed(args.seed, "grid", spec.label), class_names=classes,
+        adversarial_prediction="bare",
+        title=f"{args.classifier}, L-inf eps={args.eps:g}: PGD-{args.steps} on the bare "
+              "classifier, then purified\n(transfer, not adaptive: the table's adaptive row is "
+              "the figure to trust)",
+    )
 
 
 def _row(report: dict[str, Any], description: str) -> dict[str, Any]:

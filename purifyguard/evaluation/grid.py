@@ -1,10 +1,13 @@
 """A PNG grid showing what the defence does: clean, adversarial and purified images, each with
-the model's prediction.
+a prediction.
 
 The adversarial and purified columns come from one purification: for a model with a purifier,
-the prediction written under the adversarial image is the classifier's prediction for the
-purified image shown beside it, never a second, unseen purification with its own noise (which
-could read as the purifier fixing an image it did not fix).
+the purified column is labelled with the classifier's prediction for the purified image shown,
+never a second, unseen purification with its own noise (which could read as the purifier fixing
+an image it did not fix). The adversarial column is labelled, as `adversarial_prediction` says,
+with that same prediction ("purified", the evaluation grids) or with the bare classifier's
+prediction for the adversarial image itself ("bare", the demo's picture: the undefended
+classifier fooled beside the defence's answer).
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 
 from purifyguard.evaluation.seeds import seed_everything
 from purifyguard.files import write_atomic
+
+AdversarialPrediction = Literal["purified", "bare"]
+ADVERSARIAL_PREDICTIONS = ("purified", "bare")
 
 
 class GridColumn(NamedTuple):
@@ -31,18 +37,24 @@ class GridColumn(NamedTuple):
 
 @torch.no_grad()
 def grid_columns(
-    model: nn.Module, clean: torch.Tensor, adversarial: torch.Tensor, *, seed: int = 0
+    model: nn.Module, clean: torch.Tensor, adversarial: torch.Tensor, *, seed: int = 0,
+    adversarial_prediction: AdversarialPrediction = "purified",
 ) -> list[GridColumn]:
     """The grid's columns: clean, adversarial and, for a model with a purifier, purified.
 
     A model with a purifier (`purify` and `classify`, as a PurifiedModel has) purifies the
-    adversarial batch once, with noise from `seed`: that purification is the third column, and
-    its classification is the prediction shown under both the adversarial and the purified
-    image. The clean column shows model(clean) (its own purification, not drawn). With
+    adversarial batch once, with noise from `seed`: that purification is the third column,
+    labelled with its classification. The adversarial column is labelled with that same
+    prediction when `adversarial_prediction` is "purified", or with the bare classifier's
+    prediction for the adversarial image, model.classify(adversarial) (no purification), when
+    it is "bare". The clean column shows model(clean) (its own purification, not drawn). With
     n_samples > 1 a PurifiedModel averages several purifications; the grid shows and classifies
     one. A model without a purifier (an undefended PurifiedModel, a bare classifier) gets the
     first two columns only, the adversarial one with model(adversarial).
     """
+    if adversarial_prediction not in ADVERSARIAL_PREDICTIONS:
+        raise ValueError(f"adversarial_prediction must be one of {ADVERSARIAL_PREDICTIONS}, "
+                         f"got {adversarial_prediction!r}")
     device = next((p.device for p in model.parameters()), clean.device)
     clean, adversarial = clean.to(device), adversarial.to(device)
     seed_everything(seed)
@@ -50,9 +62,11 @@ def grid_columns(
     if _has_purifier(model):
         purified = model.purify(adversarial)
         defended = model.classify(purified).argmax(-1)
+        bare = (model.classify(adversarial).argmax(-1) if adversarial_prediction == "bare"
+                else defended)
         return [
             GridColumn("clean", clean, clean_predictions),
-            GridColumn("adversarial", adversarial, defended),
+            GridColumn("adversarial", adversarial, bare),
             GridColumn("purified", purified, defended),
         ]
     return [
@@ -71,19 +85,21 @@ def _has_purifier(model: nn.Module) -> bool:
 def save_grid(
     model: nn.Module, clean: torch.Tensor, adversarial: torch.Tensor, labels: torch.Tensor,
     path: str | Path, *, seed: int = 0, class_names: Sequence[str] | None = None,
-    title: str | None = None,
+    title: str | None = None, adversarial_prediction: AdversarialPrediction = "purified",
 ) -> Path:
     """One row per example: clean | adversarial | purified adversarial (no purified column for
     a model without a purifier), titled with predictions (grid_columns: the adversarial image's
-    prediction is the classification of the purified image beside it). A prediction in red is
-    wrong.
+    prediction is the classification of the purified image beside it, or with
+    adversarial_prediction="bare" the bare classifier's for the adversarial image). A
+    prediction in red is wrong.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = grid_columns(model, clean, adversarial, seed=seed)
+    columns = grid_columns(model, clean, adversarial, seed=seed,
+                           adversarial_prediction=adversarial_prediction)
     rows = len(labels)
     figure, axes = plt.subplots(rows, len(columns), figsize=(2 * len(columns), 2.2 * rows + 0.9),
                                 squeeze=False)
@@ -103,9 +119,14 @@ def save_grid(
             label = class_names[predicted] if class_names else str(predicted)
             text = f"{text}\n{label}" if text else label
             axis.set_title(text, fontsize=8, color="black" if predicted == truth else "red")
-    note = ("adversarial and purified: one purification, both labelled with\nthe classifier's "
-            "prediction for the purified image" if len(columns) == 3 else
-            "model without a purifier")
+    if len(columns) < 3:
+        note = "model without a purifier"
+    elif adversarial_prediction == "bare":
+        note = ("adversarial: the bare classifier's prediction (no defence);\n"
+                "purified: the defended model's prediction (classifier on the purified image)")
+    else:
+        note = ("adversarial and purified: one purification, both labelled with\nthe "
+                "classifier's prediction for the purified image")
     figure.suptitle(f"{title}\n{note}" if title else note, fontsize=8)
     figure.tight_layout()
     path = Path(path)
