@@ -2,10 +2,13 @@
 comes from that file, so the page is regenerated, never edited.
 
     python benchmarks/fashion_mnist.py --from-json runs/benchmark-fashion-mnist/benchmark.json
+    python benchmarks/benchmark_page.py runs/benchmark-fashion-mnist/benchmark.json  # to stdout
+    python benchmarks/benchmark_page.py benchmark.json --output docs/benchmarks.md
 """
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 from purifyguard.evaluation.paired import format_p_value
@@ -338,3 +341,38 @@ def benchmark_page(benchmark: dict[str, Any]) -> str:
               "## Sanity checks", "", *sanity_section(report, primary(benchmark)), "",
               *figures_section(benchmark), FOOTER, ""]
     return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark_json", metavar="BENCHMARK_JSON",
+                        help="a benchmark.json written by benchmarks/fashion_mnist.py")
+    parser.add_argument("--output", metavar="PAGE", default=None,
+                        help="write the Markdown page there (e.g. docs/benchmarks.md); default: "
+                        "print it")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from purifyguard.files import read_json, write_atomic
+
+    try:
+        benchmark = read_json(args.benchmark_json, "benchmark results file")
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    if not isinstance(benchmark.get("report"), dict) or "costs" not in benchmark:
+        parser.error(f"{args.benchmark_json} is not a benchmark.json of benchmarks/"
+                     "fashion_mnist.py: it has no 'report' and 'costs'")
+    page = benchmark_page(benchmark)
+    if args.output is None:
+        print(page)
+    else:
+        write_atomic(args.output, page)
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -48,6 +48,7 @@ from purifyguard.data import load_dataset
 from purifyguard.evaluation import evaluate_models
 from purifyguard.evaluation.attacks import AttackSpec
 from purifyguard.files import read_json, write_atomic, write_json
+from purifyguard.option_types import non_negative_float, non_negative_int, positive_int
 from purifyguard.registry import load_purifier
 
 DEFENCES = {  # name: what it is, as the page says it
@@ -76,19 +77,19 @@ ATTACK_GROUPS = ("primary", "pgd-beside", "autoattack-rand", "bpda")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=512, help="test images (the first n)")
+    parser.add_argument("--n", type=positive_int, default=512, help="test images (the first n)")
     parser.add_argument("--data-root", help="a Fashion-MNIST folder; default: the 512 bundled "
                         "test images (enough for n <= 512)")
-    parser.add_argument("--runs", type=int, default=5, help="R purifications per verdict")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--runs", type=positive_int, default=5, help="R purifications per verdict")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     reference = torch.cuda.is_available()
     attacks = parser.add_argument_group("attacks (defaults: reference on a GPU, reduced on CPU)")
-    attacks.add_argument("--pgd-steps", type=int, default=200 if reference else 5)
-    attacks.add_argument("--aa-steps", type=int, default=100 if reference else 2,
+    attacks.add_argument("--pgd-steps", type=positive_int, default=200 if reference else 5)
+    attacks.add_argument("--aa-steps", type=positive_int, default=100 if reference else 2,
                          help="APGD iterations per loss of AutoAttack-rand")
-    attacks.add_argument("--bpda-steps", type=int, default=200 if reference else 10)
-    attacks.add_argument("--eot", type=int, default=20 if reference else 1,
+    attacks.add_argument("--bpda-steps", type=positive_int, default=200 if reference else 10)
+    attacks.add_argument("--eot", type=positive_int, default=20 if reference else 1,
                          help="gradient samples per iteration, every attack")
     attacks.add_argument("--primary", choices=list(PRIMARY_ATTACKS), default="pgd",
                          help="the attack the targets judge; apgd-eot adds plain PGD-EOT at the "
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "fashion-mnist-resnet18-trades)")
     parser.add_argument("--purifier", default="fashion-mnist-agdm",
                         help="registered name, folder or Hub id of ours")
-    parser.add_argument("--pixel-scale", type=float, default=1.0,
+    parser.add_argument("--pixel-scale", type=non_negative_float, default=1.0,
                         help="guidance scale of the GDMP-style (pixel) defence")
     parser.add_argument("--adapted", default=None,
                         help="registered name, folder or Hub id of the adapted purifier (the "
@@ -116,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="purifiers recompute reverse steps in the backward: the same "
                         "gradients in a quarter of the memory, about 20%% slower")
     parser.add_argument("--sanity", action="store_true", help="also run the sanity checks")
-    parser.add_argument("--sanity-n", type=int, default=16)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--sanity-n", type=positive_int, default=16)
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--output-dir", default="runs/benchmark-fashion-mnist")
     parser.add_argument("--docs", default="docs/benchmarks.md", help="the page to write")
     parser.add_argument("--from-json", metavar="BENCHMARK_JSON",

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
+from purifyguard.files import cache_folder
+
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
@@ -122,7 +124,7 @@ def fashion_mnist(
     from torchvision.datasets import FashionMNIST
 
     source = _find_fashion_mnist(root)
-    cache = Path(os.environ.get("PURIFYGUARD_CACHE", Path.home() / ".cache" / "purifyguard"))
+    cache = cache_folder()
     if source is not None:
         _stage_idx_files(source, cache / "FashionMNIST" / "raw")
         download = False

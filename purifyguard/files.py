@@ -3,7 +3,9 @@ the file.
 
 A file written here is complete or absent: it goes to a temporary file in the same folder, is
 flushed to disk, then renamed over the target (a rename within a folder is atomic), so a crash or
-a full disk never leaves a half-written report, settings file or checkpoint manifest behind.
+a full disk never leaves a half-written report, settings file or checkpoint manifest behind. It
+gets the mode an ordinary open() would give it (0o666 less the umask, e.g. 0o644), not the 0o600
+of the temporary file.
 """
 
 from __future__ import annotations
@@ -11,8 +13,35 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc/self/status),
+    else by setting and restoring it under a lock (os.umask is the only portable reader)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def ordinary_mode(path: str | Path) -> Path:
+    """Give a file (or folder) made by tempfile (mode 0o600, or 0o700 for a folder) the mode an
+    ordinary open() (or mkdir) gives: 0o666 (0o777) less the umask. Returns the path."""
+    path = Path(path)
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
+    return path
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
@@ -26,6 +55,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
             file.write(raw)
             file.flush()
             os.fsync(file.fileno())
+        ordinary_mode(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -97,3 +127,31 @@ def write_figure(figure: Any, path: str | Path) -> Path:
     figure.savefig(picture, dpi=100, format="png")
     plt.close(figure)
     return write_atomic(Path(path), picture.getvalue())
+
+
+CACHE_VARIABLE = "PURIFYGUARD_CACHE"
+
+
+def cache_folder(*parts: str) -> Path:
+    """purifyguard's cache folder ($PURIFYGUARD_CACHE, default ~/.cache/purifyguard), or a
+    subfolder of it; ValueError naming the variable when it is set but empty, or when it (or a
+    folder on the way) is a file: nothing could be cached there."""
+    value = os.environ.get(CACHE_VARIABLE)
+    if value is not None and not value.strip():
+        raise ValueError(f"{CACHE_VARIABLE} is set but empty; set it to a folder, or unset it "
+                         "for ~/.cache/purifyguard")
+    root = Path(value).expanduser() if value is not None else (
+        Path.home() / ".cache" / "purifyguard")
+    folder = root.joinpath(*parts)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                source = (f"{CACHE_VARIABLE}={value}" if value is not None
+                          else "the default cache ~/.cache/purifyguard")
+                raise ValueError(
+                    f"{source}: {path} is a file, not a folder, so nothing can be cached in "
+                    f"{folder}; point {CACHE_VARIABLE} at a folder (or unset it for "
+                    "~/.cache/purifyguard)"
+                )
+            break
+    return folder

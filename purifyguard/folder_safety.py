@@ -81,15 +81,80 @@ def check_layout_inside(folder: Path, dirs: tuple[str, ...] = LAYOUT_DIRS) -> No
                 check_inside(path, root)
 
 
-def require_file(path: Path) -> Path:
-    """The path, or FileNotFoundError naming the missing file."""
-    if not path.is_file():
+def require_file(path: Path, *, purifier_folder: bool = False, holds: str | None = None) -> Path:
+    """The path, or FileNotFoundError naming the missing file and what the folder should hold
+    (`holds`; by default, a purifier folder's layout). purifier_folder=True, for the file that
+    makes a folder a purifier folder (purifier_config.json): the message also says what the
+    folder holds instead (empty, a classifier or network folder, a PurifiedModel folder, a
+    diffusers model, pickles, or its first entries)."""
+    if path.is_file():
+        return path
+    where = f"missing file {path.parent.name}/{path.name} (expected at {path})"
+    if purifier_folder:
         raise FileNotFoundError(
-            f"missing file {path.parent.name}/{path.name} (expected at {path}); a purifier "
-            f"folder holds {PURIFIER_CONFIG}, {UNET_DIR}/, {SCHEDULER_DIR}/ and optionally "
-            f"{GUIDANCE_DIR}/ (see docs/hub.md)"
+            f"{where}: {path.parent} is not a purifier folder, {describe_folder(path.parent)}; "
+            f"{PURIFIER_FOLDER_HOLDS}"
         )
-    return path
+    raise FileNotFoundError(f"{where}; {holds or PURIFIER_FOLDER_HOLDS}")
+
+
+PURIFIER_FOLDER_HOLDS = (
+    f"a purifier folder holds {PURIFIER_CONFIG}, {UNET_DIR}/, {SCHEDULER_DIR}/ and optionally "
+    f"{GUIDANCE_DIR}/ (Purifier.save_pretrained writes one; see docs/hub.md)"
+)
+# What a network folder (a classifier, or a purifier's guidance/) holds.
+NETWORK_FOLDER_HOLDS = (
+    "a network folder (a classifier, or a purifier's guidance/) holds config.json and "
+    "model.safetensors in timm's Hub format (timm.models.save_for_hf(model, folder, "
+    "safe_serialization=True) or `purifyguard train guidance` writes one)"
+)
+# At most this many entries of a folder are named in a message.
+LISTED_ENTRIES = 8
+
+
+class PickleInsteadError(FileNotFoundError, ValueError):
+    """A folder holds pickle weights where its safetensors file should be: the file is missing
+    (FileNotFoundError, as before) and what is there is refused (ValueError, as every refusal)."""
+
+
+def find_pickles(folder: Path) -> list[Path]:
+    """The pickle checkpoints (PICKLE_SUFFIXES) directly in a folder, sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir()
+                  if path.suffix.lower() in PICKLE_SUFFIXES and path.is_file())
+
+
+def describe_folder(folder: Path) -> str:
+    """What a folder that is not the expected kind holds, in a few words, from the names of its
+    top-level entries only (nothing is read or followed): "it is empty", "it holds config.json
+    and model.safetensors: a network folder in timm's format (a classifier) ...", ..."""
+    if not folder.is_dir():
+        return "it does not exist" if not folder.exists() else "it is not a folder"
+    try:
+        names = sorted(path.name for path in folder.iterdir())
+    except OSError as error:
+        return f"it cannot be listed ({error.strerror or error})"
+    present = set(names)
+    if not names:
+        return "it is empty"
+    if "purified_model.json" in present:
+        return ("it holds purified_model.json: a PurifiedModel folder (load it with "
+                "PurifiedModel.from_pretrained; its purifier is its purifier/ subfolder)")
+    if "model_index.json" in present or "diffusion_pytorch_model.safetensors" in present:
+        return ("it holds a diffusers model (model_index.json or diffusion_pytorch_model."
+                "safetensors): load it with Purifier.from_diffusers(folder, t_star)")
+    if "config.json" in present and "model.safetensors" in present:
+        return ("it holds config.json and model.safetensors: a network folder in timm's format "
+                "(a classifier or a guidance network; give it as the classifier, e.g. "
+                "--classifier, not as the purifier)")
+    pickles = [name for name in names if Path(name).suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        return (f"it holds the pickle file(s) {', '.join(pickles[:LISTED_ENTRIES])}, which "
+                "purifyguard refuses (unpickling can run arbitrary code)")
+    shown = ", ".join(names[:LISTED_ENTRIES])
+    more = f" and {len(names) - LISTED_ENTRIES} more" if len(names) > LISTED_ENTRIES else ""
+    return f"it holds {shown}{more}"
 
 
 def in_snapshot(folder: Path) -> bool:

@@ -28,7 +28,13 @@ from safetensors.torch import load_model
 from torch import nn
 
 from purifyguard.files import check_inside, read_json, write_json
-from purifyguard.folder_safety import link_root, require_file
+from purifyguard.folder_safety import (
+    NETWORK_FOLDER_HOLDS,
+    PickleInsteadError,
+    find_pickles,
+    link_root,
+    require_file,
+)
 from purifyguard.weight_checks import check_weight_shapes, check_weights_finite
 
 GUIDANCE_CONFIG = "config.json"
@@ -145,8 +151,10 @@ def load_guidance_network(folder: str | Path) -> nn.Module:
     followed or unpickled: unlike timm's local-dir: loader, no .pth or .bin fallback, no hf-hub:
     name, no pretrained_cfg file or url."""
     folder = Path(folder)
-    config_file = require_file(folder / GUIDANCE_CONFIG)
-    weights = require_file(folder / GUIDANCE_WEIGHTS)
+    if not (folder / GUIDANCE_WEIGHTS).is_file() and find_pickles(folder):
+        raise PickleInsteadError(network_pickle_message(find_pickles(folder), folder))
+    config_file = require_file(folder / GUIDANCE_CONFIG, holds=NETWORK_FOLDER_HOLDS)
+    weights = require_file(folder / GUIDANCE_WEIGHTS, holds=NETWORK_FOLDER_HOLDS)
     for path in (config_file, weights):
         check_inside(path, link_root(folder))
     architecture, kwargs = guidance_config(read_json(config_file, "network config"), config_file)
@@ -160,6 +168,20 @@ def load_guidance_network(folder: str | Path) -> nn.Module:
     load_model(network, str(weights), strict=True, device="cpu")
     check_weights_finite(network, weights)
     return network.eval()
+
+
+def network_pickle_message(pickles: list[Path], folder: Path) -> str:
+    """Why a network folder holding pickle weights (and no model.safetensors) is refused, and
+    how to convert them."""
+    names = ", ".join(path.name for path in pickles)
+    return (
+        f"{folder} holds the pickle weights {names} and no {GUIDANCE_WEIGHTS}: pickle files are "
+        "refused because unpickling can run arbitrary code. Convert them where you trust the "
+        "file: load it yourself (model.load_state_dict(torch.load(path, weights_only=True))) "
+        f"and save the weights with safetensors (safetensors.torch.save_file(model.state_dict(), "
+        f"'{GUIDANCE_WEIGHTS}') beside a timm config.json, or timm.models.save_for_hf(model, "
+        "folder, safe_serialization=True) for a timm model); then remove the pickle file"
+    )
 
 
 def guidance_config(config: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]]:

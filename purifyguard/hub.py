@@ -234,7 +234,7 @@ class PurifierHubMixin:
             repo_id_or_dir, revision=revision, cache_dir=cache_dir, token=token,
             local_files_only=local_files_only, allow_patterns=UPLOAD_PATTERNS,
         )
-        config_file = require_file(folder / PURIFIER_CONFIG)
+        config_file = require_file(folder / PURIFIER_CONFIG, purifier_folder=True)
         refuse_pickles(folder)
         check_layout_inside(folder)
         config = PurifierConfig.from_dict(read_json(config_file, "purifier config"), config_file)
@@ -243,6 +243,7 @@ class PurifierHubMixin:
         guidance_network = None
         if (folder / GUIDANCE_DIR).exists():
             guidance_network = load_guidance_network(folder / GUIDANCE_DIR).to(torch_dtype)
+        check_config_fits(config, config_file, unet, scheduler, guidance_network, settings)
         purifier = cls(unet, scheduler, guidance_network, config, **settings)
         check_outputs_finite(purifier, folder)
         return purifier.to(device) if device is not None else purifier
@@ -320,6 +321,63 @@ def _write_folder(
     )
     write_atomic(folder / MODEL_CARD, card)
     return folder
+
+
+def check_config_fits(
+    config: PurifierConfig,
+    config_file: Path,
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    guidance_network: nn.Module | None,
+    settings: dict[str, Any],
+) -> None:
+    """ValueError naming the purifier_config.json of a folder when it contradicts the folder's
+    networks (its channels or resolution, the denoiser's in_channels or sample_size; the guidance
+    network's input channels) or its schedule (t_star beyond the schedule's steps), before a
+    Purifier is built: the file would otherwise be overwritten silently, or fail with a message
+    that does not name it. The settings given to from_pretrained override the file's values."""
+    folder = config_file.parent
+    unet_config = folder / UNET_DIR / "config.json"
+    channels = int(unet.config.in_channels)
+    size = unet.config.sample_size
+    if isinstance(size, (tuple, list)):
+        size = size[0] if len(set(size)) == 1 else None
+    stated = {"resolution": (config.resolution, size, "sample_size"),
+              "channels": (config.channels, channels, "in_channels")}
+    for name, (value, actual, key) in stated.items():
+        if value is not None and actual is not None and int(value) != int(actual):
+            raise ValueError(
+                f"{config_file} says {name}={value}, but the denoiser of the folder "
+                f"({unet_config}) has {key}={actual}: the config contradicts its networks. "
+                f"Correct {name} in {PURIFIER_CONFIG} (or remove it: it is read off the "
+                "denoiser), or use the denoiser it was written for"
+            )
+    if guidance_network is not None:
+        from purifyguard.normalization import input_channels
+
+        takes = input_channels(guidance_network)
+        if takes is not None and takes != channels:
+            raise ValueError(
+                f"the guidance network of {folder} ({folder / GUIDANCE_DIR / GUIDANCE_CONFIG}) "
+                f"takes {takes}-channel images, but the denoiser ({unet_config}) has "
+                f"in_channels={channels}: the guidance network reads the purifier's images, so "
+                "the two must agree"
+            )
+    steps = int(scheduler.config.num_train_timesteps)
+    try:
+        config.validate(steps)
+    except ValueError as error:
+        file_error: str | None = f"{config_file}: {error}"
+    else:
+        file_error = None
+    if file_error is None:
+        return
+    try:
+        config.replace(**settings).validate(steps)
+    except ValueError as error:
+        if file_error.endswith(str(error)):  # the settings do not mend what the file says
+            raise ValueError(file_error) from None
+        raise
 
 
 def _check_card_arguments(*mappings: dict[str, Any] | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -126,12 +127,37 @@ class PurifiedModel(PurifiedModelHubMixin, nn.Module):
         builds_graph = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.classifier.parameters())
         )
-        if builds_graph or len(x) <= CLASSIFY_CHUNK:
-            return self.classifier(self.normalize(x.to(dtype))).to(x.dtype)
-        return torch.cat([
-            self.classifier(self.normalize(chunk.to(dtype))).to(x.dtype)
-            for chunk in x.split(CLASSIFY_CHUNK)
-        ])
+        try:
+            if builds_graph or len(x) <= CLASSIFY_CHUNK:
+                return self.classifier(self.normalize(x.to(dtype))).to(x.dtype)
+            return torch.cat([
+                self.classifier(self.normalize(chunk.to(dtype))).to(x.dtype)
+                for chunk in x.split(CLASSIFY_CHUNK)
+            ])
+        except RuntimeError as error:
+            if not _is_shape_mismatch(error):
+                raise
+            raise ValueError(
+                f"the classifier cannot take images of shape {tuple(x.shape)}: "
+                f"{str(error).strip().splitlines()[0]}. {self._expected_input()}"
+            ) from error
+
+    def _expected_input(self) -> str:
+        """What the classifier reads, as far as it is known, and how to say it."""
+        known = []
+        if self.classifier_channels is not None:
+            known.append(f"{self.classifier_channels}-channel images")
+        if self.input_size is not None:
+            known.append(f"{self.input_size}x{self.input_size} pixels (input_size="
+                         f"{self.input_size})")
+        values = flattened_inputs(self.classifier)
+        if values is not None:
+            known.append(f"{values} values per image (its first layer, "
+                         f"nn.Linear(in_features={values}), reads the flattened image)")
+        said = "; it expects " + ", ".join(known) if known else ""
+        return (f"Pass images of the size the classifier was trained on{said} (PurifiedModel "
+                "resizes only for the purifier, never for the classifier; state the size with "
+                "input_size=)")
 
     def _purify_checked(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         if self.purifier is None:
@@ -149,6 +175,19 @@ class PurifiedModel(PurifiedModelHubMixin, nn.Module):
                 f"expected at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}"
                 + (f" (this classifier reads {self.input_size}x{self.input_size})"
                    if self.input_size else "")
+            )
+        values = flattened_inputs(self.classifier)
+        if values is not None and x[0].numel() != values:
+            side = math.isqrt(values // x.shape[1]) if values % x.shape[1] == 0 else 0
+            fits = (f" ({x.shape[1]}x{side}x{side} images)"
+                    if side * side * x.shape[1] == values else "")
+            stated = (f"input_size={self.input_size}" if self.input_size is not None
+                      else "input_size not stated" + (f"; it is {side}" if fits else ""))
+            raise ValueError(
+                f"the classifier's first layer, nn.Linear(in_features={values}), reads {values} "
+                f"values per image{fits}, but images of shape {tuple(x.shape)} have "
+                f"{x[0].numel()} ({stated}); pass images of the size the classifier was trained "
+                "on (PurifiedModel resizes only for the purifier, never for the classifier)"
             )
         if self.classifier_channels is not None and x.shape[1] != self.classifier_channels:
             raise ValueError(
@@ -177,6 +216,48 @@ class PurifiedModel(PurifiedModelHubMixin, nn.Module):
         align = False if self.interpolation in ("bilinear", "bicubic") else None
         resized = F.interpolate(x, size=size, mode=self.interpolation, align_corners=align)
         return resized.clamp(0, 1)
+
+
+def flattened_inputs(classifier: nn.Module) -> int | None:
+    """Values per image a classifier reads when it starts by flattening its input into an
+    nn.Linear (an nn.Sequential, possibly nested, of parameter-free layers and nn.Flatten up to
+    its first layer with weights, which is an nn.Linear): that layer's in_features. None for
+    any other classifier (a convolution takes any size; an arbitrary forward is not read)."""
+    if not isinstance(classifier, nn.Sequential):
+        return None
+    flattened = False
+    stack = list(classifier)[::-1]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, nn.Sequential):
+            stack.extend(list(module)[::-1])
+            continue
+        if isinstance(module, nn.Flatten):
+            flattened = module.start_dim == 1 and module.end_dim == -1
+            if not flattened:
+                return None
+            continue
+        if next(module.parameters(), None) is not None or not _shape_preserving(module):
+            return module.in_features if flattened and isinstance(module, nn.Linear) else None
+    return None
+
+
+def _shape_preserving(module: nn.Module) -> bool:
+    """Parameter-free layers that keep the number of values per image."""
+    return isinstance(module, (nn.Identity, nn.Dropout, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh,
+                               nn.Sigmoid, nn.LeakyReLU))
+
+
+def _is_shape_mismatch(error: RuntimeError) -> bool:
+    """Whether a classifier's RuntimeError says that the input's shape does not fit a layer (not
+    an out-of-memory error or a failure of its own code)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    text = str(error)
+    return any(pattern in text for pattern in (
+        "shapes cannot be multiplied", "size mismatch", "must match the size of tensor",
+        "Given groups=", "Calculated padded input size", "is invalid for input of size",
+    ))
 
 
 def _convertible(source: int, target: int) -> bool:

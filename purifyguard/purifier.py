@@ -49,6 +49,8 @@ class Purifier(PurifierHubMixin, nn.Module):
             )
         if config is not None and not isinstance(config, PurifierConfig):
             raise ValueError(f"config must be a PurifierConfig or None, got {type(config).__name__}")
+        if config is not None:
+            _check_config_fits(config, unet)
         self.unet = unet.requires_grad_(False)
         self.schedule = NoiseSchedule(scheduler_config)
         if guidance_network is not None:
@@ -94,8 +96,35 @@ class Purifier(PurifierHubMixin, nn.Module):
         do not support, so it stays eager. The first calls compile (a C++ compiler is needed on
         a CPU; expect a minute or more) and every new batch shape may compile again. If
         compiling fails, a warning says why and the eager denoiser is used from then on.
-        compile_options go to torch.compile (e.g. mode="max-autotune"). Returns self."""
-        self._compiled["denoiser"] = torch.compile(self.unet, **compile_options)
+        compile_options go to torch.compile (e.g. mode="max-autotune"); a backend that this torch
+        does not have (torch._dynamo.list_backends()) or options torch.compile refuses give the
+        same warning at once, and the eager denoiser. An option torch.compile does not take is a
+        ValueError. Returns self."""
+        backend = compile_options.get("backend", "inductor")
+        known = _compile_backends()
+        if isinstance(backend, str) and known is not None and backend not in known:
+            self._compiled.pop("denoiser", None)
+            warnings.warn(
+                f"compile_denoiser: backend={backend!r} is not a torch.compile backend of this "
+                f"torch {torch.__version__} (torch._dynamo.list_backends(): {sorted(known)}); "
+                "using the eager denoiser", RuntimeWarning, stacklevel=2)
+            return self
+        if not isinstance(backend, str) and not callable(backend):
+            raise ValueError(f"compile_denoiser: backend must be a backend name or a callable, "
+                             f"got {backend!r}")
+        try:
+            compiled = torch.compile(self.unet, **compile_options)
+        except TypeError as error:
+            raise ValueError(f"compile_denoiser: torch.compile refuses the options "
+                             f"{compile_options}: {error}") from None
+        except Exception as error:  # noqa: BLE001 (as a failure at the first call: fall back)
+            self._compiled.pop("denoiser", None)
+            warnings.warn(
+                f"compile_denoiser: torch.compile(**{compile_options}) fails "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                "using the eager denoiser", RuntimeWarning, stacklevel=2)
+            return self
+        self._compiled["denoiser"] = compiled
         return self
 
     def current_config(self) -> PurifierConfig:
@@ -278,8 +307,33 @@ class Purifier(PurifierHubMixin, nn.Module):
             return self.unet(x_t.to(self.unet.dtype), timesteps).sample.to(x_t.dtype)
 
 
+def _compile_backends() -> frozenset[str] | None:
+    """The torch.compile backend names this torch knows (debug and experimental ones too, such as
+    "eager"), or None where torch._dynamo does not list them."""
+    try:
+        import torch._dynamo
+
+        return frozenset(torch._dynamo.list_backends(exclude_tags=()))
+    except Exception:  # noqa: BLE001 (no listing in this torch: torch.compile decides)
+        return None
+
+
 def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def _check_config_fits(config: PurifierConfig, unet: UNet2DModel) -> None:
+    """ValueError when a config's resolution or channels contradict the denoiser's (they are read
+    off the denoiser; a config stating others was written for another network)."""
+    for name, actual, key in (("resolution", _sample_size(unet), "sample_size"),
+                              ("channels", int(unet.config.in_channels), "in_channels")):
+        stated = getattr(config, name)
+        if stated is not None and stated != actual:
+            raise ValueError(
+                f"config.{name}={stated} contradicts the denoiser, whose {key} is {actual}; the "
+                f"config was written for another denoiser (leave {name} as None: it is read off "
+                "the denoiser)"
+            )
 
 
 def _sample_size(unet: UNet2DModel) -> int:

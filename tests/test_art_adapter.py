@@ -166,3 +166,75 @@ def test_without_art_the_adapter_names_the_package_and_nothing_else_imports_art(
         [sys.executable, "-c", code], check=False, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+# --- issue 24, item 5: ART arrays and arguments that did not fit, refused by name ---------------
+
+def test_a_channels_last_array_is_refused_as_channels_last(art, model, images):
+    """Before: "images of 28x1 pixels are too small", from deep inside the purifier."""
+    from purifyguard.adapters.art import PurifierDefence, art_classifier
+
+    estimator = art_classifier(model, gradient="bpda", device_type="cpu")
+    channels_last = images.permute(0, 2, 3, 1).numpy()  # (4, 28, 28, 1)
+    with pytest.raises(ValueError, match=r"shape \(4, 28, 28, 1\), which looks channels-last "
+                                         r"\(N, H, W, C\); ART arrays must be channels-first "
+                                         r"\(N, C, H, W\)"):
+        estimator.predict(channels_last)
+    for purifier in (model, model.purifier):
+        with pytest.raises(ValueError, match="looks channels-last"):
+            PurifierDefence(purifier, device_type="cpu").forward(images.permute(0, 2, 3, 1))
+
+
+def test_channels_first_false_transposes_as_arts_own_preprocessors_do(art, model, images):
+    from purifyguard.adapters.art import PurifierDefence
+
+    first = PurifierDefence(model.purifier, device_type="cpu")
+    last = PurifierDefence(model.purifier, channels_first=False, device_type="cpu")
+    purified, _ = last.forward(images.permute(0, 2, 3, 1))
+    assert purified.shape == (4, 28, 28, 1)
+    torch.testing.assert_close(purified.permute(0, 3, 1, 2), first.forward(images)[0])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"batch_size": "64"}, "batch_size must be an integer >= 1, got '64'"),
+    ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
+    ({"batch_size": True}, "batch_size must be an integer >= 1, got True"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ({"channels_first": "no"}, "channels_first must be True or False"),
+])
+def test_defence_checks_the_type_of_its_arguments(art, model, kwargs, message):
+    from purifyguard.adapters.art import PurifierDefence
+
+    with pytest.raises(ValueError, match=message):
+        PurifierDefence(model.purifier, device_type="cpu", **kwargs)
+    defence = PurifierDefence(model.purifier, device_type="cpu")
+    with pytest.raises(ValueError, match=message):
+        defence.set_params(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"input_shape": (3, 28, 28)}, (r"input_shape \(3, 28, 28\) has 3 channels, but the "
+                                    r"classifier takes 1-channel images")),
+    ({"input_shape": (28, 28, 1)}, r"input_shape \(28, 28, 1\) looks channels-last \(H, W, C\)"),
+    ({"input_shape": (1, 28)}, "input_shape must be \\(channels, height, width\\)"),
+    ({"input_shape": (1, 4, 4)}, (r"input_shape \(1, 4, 4\) does not fit the model: images "
+                                  r"of 4x4 pixels are too small")),
+    ({"nb_classes": 7}, "nb_classes=7, but the classifier gives 10 logits per image"),
+    ({"channels_first": False}, "channels_first must be True"),
+])
+def test_art_classifier_checks_input_shape_against_the_model(art, model, kwargs, message):
+    from purifyguard.adapters.art import art_classifier
+
+    with pytest.raises(ValueError, match=message):
+        art_classifier(model, device_type="cpu", **kwargs)
+
+
+def test_art_classifier_checks_an_mlps_input_shape(art):
+    from purifyguard.adapters.art import art_classifier
+
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    model = PurifiedModel(mlp, purifier=False, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match=r"input_shape \(1, 32, 32\) does not fit the model: the "
+                                         r"classifier's first layer, nn.Linear\(in_features=784\)"):
+        art_classifier(model, input_shape=(1, 32, 32), device_type="cpu")
+    assert art_classifier(model, input_shape=(1, 28, 28), device_type="cpu").nb_classes == 10

@@ -285,3 +285,270 @@ def test_saving_and_swapping_check_their_arguments(make_purifier, tmp_path, call
     with pytest.raises(ValueError, match=message):
         call(make_purifier(), tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+# --- issue 24, item 5: bad input a user's battery still found ---------------------------------
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize("key,value,network_key", [("resolution", 32, "sample_size=28"),
+                                                   ("channels", 3, "in_channels=1")])
+def test_a_config_contradicting_its_denoiser_is_refused_naming_the_file(
+    saved, key, value, network_key
+):
+    """Silent before: the file's channels/resolution were overwritten with the denoiser's."""
+    edit_json(saved / "purifier_config.json", lambda v: v.update({key: value}))
+    with pytest.raises(ValueError, match=rf"purifier_config.json says {key}={value}, but the "
+                                         rf"denoiser .*unet.*config.json\) has {network_key}"):
+        Purifier.from_pretrained(saved)
+
+
+def test_a_config_object_contradicting_the_denoiser_is_refused(unet):
+    with pytest.raises(ValueError, match="config.resolution=32 contradicts the denoiser, whose "
+                                         "sample_size is 28"):
+        Purifier(unet, config=PurifierConfig(t_star=4, resolution=32))
+    with pytest.raises(ValueError, match="config.channels=3 contradicts the denoiser, whose "
+                                         "in_channels is 1"):
+        Purifier(unet, config=PurifierConfig(t_star=4, channels=3))
+    assert Purifier(unet, config=PurifierConfig(t_star=4, resolution=28, channels=1)).channels == 1
+
+
+def test_a_guidance_network_of_other_channels_than_the_denoiser_is_refused(unet, tmp_path):
+    network = create_guidance_network("resnet10t", num_classes=10, in_chans=3,
+                                      channels=[8, 16, 32, 64]).eval()
+    Purifier(unet, guidance_network=network, **GUIDED).save_pretrained(tmp_path / "p")
+    with pytest.raises(ValueError, match=r"guidance network of .* takes 3-channel images, but "
+                                         r"the denoiser .* has in_channels=1"):
+        Purifier.from_pretrained(tmp_path / "p")
+
+
+def test_a_t_star_beyond_the_schedule_in_a_config_names_the_file(saved):
+    edit_json(saved / "purifier_config.json", lambda v: v.update(t_star=2000, sampler="ddpm",
+                                                                 n_steps=None))
+    with pytest.raises(ValueError, match=r"purifier_config.json: t_star=2000 is out of range: "
+                                         r"the schedule has 1000 steps"):
+        Purifier.from_pretrained(saved)
+    assert Purifier.from_pretrained(saved, t_star=3).config.t_star == 3  # an override mends it
+    with pytest.raises(ValueError, match=r"^t_star=3000 is out of range"):  # not the file's fault
+        Purifier.from_pretrained(saved, t_star=3000)
+
+
+def test_an_mlp_given_images_of_another_size_is_refused_before_purifying(make_purifier):
+    """Failed inside torch before (mat1 and mat2 shapes cannot be multiplied), after purifying."""
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    purifier = make_purifier(t_star=2, sampler="ddim", n_steps=1)
+    calls = []
+    hook = purifier.unet.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        model = PurifiedModel(mlp, purifier, mean=[0.5], std=[0.5], input_size=28)
+        with pytest.raises(ValueError, match=r"first layer, nn.Linear\(in_features=784\), reads "
+                                             r"784 values per image \(1x28x28 images\), but "
+                                             r"images of shape \(2, 1, 32, 32\) have 1024 "
+                                             r"\(input_size=28\)"):
+            model(torch.rand(2, 1, 32, 32))
+        assert not calls
+        assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    finally:
+        hook.remove()
+
+
+def test_a_classifier_shape_error_is_reraised_with_the_shapes():
+    class Flattening(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(784, 10)
+
+        def forward(self, x):
+            return self.linear(x.flatten(1))
+
+    model = PurifiedModel(Flattening(), purifier=False, mean=[0.5], std=[0.5], input_size=28)
+    with pytest.raises(ValueError, match=r"cannot take images of shape \(2, 1, 32, 32\): mat1 "
+                                         r"and mat2 shapes cannot be multiplied.*input_size=28"):
+        model(torch.rand(2, 1, 32, 32))
+
+
+def test_a_cache_variable_pointing_at_a_file_is_named(tmp_path, monkeypatch):
+    from purifyguard.adapters.robustbench_zoo import default_model_dir
+    from purifyguard.data import fashion_mnist
+
+    planted = tmp_path / "cache-file"
+    planted.write_text("not a folder")
+    monkeypatch.setenv("PURIFYGUARD_CACHE", str(planted))
+    monkeypatch.delenv("PURIFYGUARD_FASHION_MNIST", raising=False)
+    message = rf"PURIFYGUARD_CACHE={planted}: {planted} is a file, not a folder"
+    with pytest.raises(ValueError, match=message):
+        default_model_dir()
+    with pytest.raises(ValueError, match=message):
+        fashion_mnist(download=False)
+    monkeypatch.setenv("PURIFYGUARD_CACHE", "")
+    with pytest.raises(ValueError, match="PURIFYGUARD_CACHE is set but empty"):
+        default_model_dir()
+
+
+def test_a_classifier_folder_of_a_pickle_names_the_pickle(tmp_path):
+    from purifyguard.evaluation.classifier_loading import resolve_classifier
+    from purifyguard.guidance_network_format import load_guidance_network
+
+    only_pickle = tmp_path / "only-pickle"
+    only_pickle.mkdir()
+    torch.save(grey_classifier().state_dict(), only_pickle / "model.pth")
+    with pytest.raises(ValueError, match=r"--classifier .*only-pickle: .* holds the pickle "
+                                         r"weights model.pth and no model.safetensors: pickle "
+                                         r"files are refused because unpickling can run "
+                                         r"arbitrary code.*safetensors.torch.save_file"):
+        resolve_classifier(str(only_pickle), None, False, None, None, option="--classifier")
+
+    timm_pickle = tmp_path / "timm-pickle"  # timm's save_for_hf without safe_serialization
+    network = create_guidance_network("resnet10t", num_classes=10, in_chans=1,
+                                      channels=[8, 16, 32, 64])
+    timm.models.save_for_hf(network, str(timm_pickle))
+    assert (timm_pickle / "pytorch_model.bin").is_file()
+    for load in (lambda: load_guidance_network(timm_pickle),
+                 lambda: resolve_classifier(str(timm_pickle), None, False, None, None,
+                                            option="--classifier")):
+        with pytest.raises(ValueError, match="holds the pickle weights pytorch_model.bin and no "
+                                             "model.safetensors: pickle files are refused"):
+            load()
+
+
+def test_a_folder_that_is_not_a_purifier_says_what_it_is(tmp_path):
+    from purifyguard.evaluation.classifier_loading import resolve_classifier
+    from purifyguard.registry import load_purifier
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"missing file empty/purifier_config.json .*: "
+                                                r".*empty is not a purifier folder, it is empty; "
+                                                r"a purifier folder holds purifier_config.json"):
+        load_purifier(empty)
+    classifier = tmp_path / "classifier"
+    network = create_guidance_network("resnet10t", num_classes=10, in_chans=1,
+                                      channels=[8, 16, 32, 64])
+    timm.models.save_for_hf(network, str(classifier), safe_serialization=True)
+    with pytest.raises(FileNotFoundError, match=r"not a purifier folder, it holds config.json "
+                                                r"and model.safetensors: a network folder in "
+                                                r"timm's format .*--classifier"):
+        Purifier.from_pretrained(classifier)
+    with pytest.raises(ValueError, match=r"not a classifier folder, it is empty; a classifier "
+                                         r"folder holds a config.json"):
+        resolve_classifier(str(empty), None, False, None, None, option="--classifier")
+
+
+def test_a_purifier_folder_given_as_the_classifier_is_named(saved):
+    from purifyguard.evaluation.classifier_loading import resolve_classifier
+
+    with pytest.raises(ValueError, match=r"not a classifier folder, it is a purifier folder .*"
+                                         r"--purifier"):
+        resolve_classifier(str(saved), None, False, None, None, option="--classifier")
+
+
+def test_a_guidance_folder_missing_its_weights_describes_a_network_folder(saved):
+    (saved / "guidance" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing file guidance/model.safetensors .*; a "
+                                                r"network folder .* holds config.json and "
+                                                r"model.safetensors"):
+        Purifier.from_pretrained(saved)
+
+
+def test_an_unknown_compile_backend_warns_and_falls_back_at_once(make_purifier, images):
+    """Raised before (at compile_denoiser or the first purify) though the docstring promised a
+    warning and the eager denoiser."""
+    purifier = make_purifier(t_star=2, sampler="ddim", n_steps=1)
+    with pytest.warns(RuntimeWarning, match=r"backend='no-such-backend' is not a torch.compile "
+                                            r"backend of this torch"):
+        assert purifier.compile_denoiser(backend="no-such-backend") is purifier
+    assert "denoiser" not in purifier._compiled
+    torch.testing.assert_close(purifier.purify(images, seed=0),
+                               make_purifier(t_star=2, sampler="ddim", n_steps=1).purify(
+                                   images, seed=0))
+    with pytest.raises(ValueError, match="torch.compile refuses the options"):
+        purifier.compile_denoiser(no_such_option=1)
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_take_the_umask_not_mkstemps_0600(tmp_path, umask, mode):
+    from purifyguard.files import write_atomic, write_json
+
+    old = os.umask(umask)
+    try:
+        written = [write_json(tmp_path / "report.json", {"a": 1}),
+                   write_atomic(tmp_path / "sub" / "page.md", "text")]
+    finally:
+        os.umask(old)
+    for path in written:
+        assert path.stat().st_mode & 0o777 == mode, path
+    assert (tmp_path / "sub").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_saved_purifier_folder_is_readable_by_others_under_umask_022(make_purifier, tmp_path):
+    old = os.umask(0o022)
+    try:
+        make_purifier().save_pretrained(tmp_path / "p")
+    finally:
+        os.umask(old)
+    for name in ("purifier_config.json", "README.md", "unet/config.json",
+                 "guidance/config.json"):
+        assert (tmp_path / "p" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def _benchmark_module(name: str, folder: str = "benchmarks"):
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(ROOT / folder))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / folder))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--n", "-5"], "--n: expected an integer >= 1, got '-5'"),
+    (["--eot", "0"], "--eot: expected an integer >= 1"),
+    (["--batch-size", "x"], "--batch-size: expected an integer"),
+    (["--pixel-scale", "nan"], "--pixel-scale: expected a finite number"),
+])
+def test_the_fashion_mnist_benchmark_refuses_bad_arguments_at_once(argv, message, capsys):
+    fashion_mnist = _benchmark_module("fashion_mnist")
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        fashion_mnist.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert time.perf_counter() - started < 5
+
+
+def test_the_benchmark_page_script_has_a_help_and_arguments(capsys, tmp_path):
+    page = _benchmark_module("benchmark_page")
+    with pytest.raises(SystemExit) as exit_info:
+        page.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "BENCHMARK_JSON" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        page.main([str(tmp_path / "missing.json")])
+    assert exit_info.value.code == 2
+    assert "missing.json does not exist" in capsys.readouterr().err
+    output = tmp_path / "page.md"
+    page.main([str(ROOT / "benchmarks" / "results" / "fashion_mnist.json"), "--output",
+               str(output)])
+    assert output.read_text() == (ROOT / "docs" / "benchmarks.md").read_text()
+
+
+def test_attack_speed_refuses_bad_arguments_and_reports_its_childs_reason(capsys):
+    import subprocess
+
+    attack_speed = _benchmark_module("attack_speed", "benchmarks/experiments")
+    with pytest.raises(SystemExit) as exit_info:
+        attack_speed.main(["--steps", "-1"])
+    assert exit_info.value.code == 2
+    assert "--steps: expected an integer >= 1, got '-1'" in capsys.readouterr().err
+    failed = subprocess.CompletedProcess(
+        ["python"], 1, stdout="", stderr="Traceback ...\nValueError: steps must be >= 1\n")
+    with pytest.raises(SystemExit, match=r"measuring 'bpda' on 'ddpm t\*=20' failed \(exit "
+                                         r"status 1\); the child process said:\n"
+                                         r"Traceback ...\nValueError: steps must be >= 1"):
+        attack_speed._child_result(failed, "ddpm t*=20", "bpda")
+    assert attack_speed._child_result(
+        subprocess.CompletedProcess(["python"], 0, stdout='log\n{"nfe": 2}\n', stderr=""),
+        "p", "a") == {"nfe": 2}

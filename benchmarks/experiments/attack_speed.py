@@ -30,6 +30,7 @@ from torch import nn
 
 from purifyguard import PurifiedModel, Purifier
 from purifyguard.evaluation.attacks import AttackSpec, attacked_model, run_attack
+from purifyguard.option_types import positive_int
 
 PURIFIERS = {
     "ddim k=10, t*=100": {"sampler": "ddim", "t_star": 100, "n_steps": 10},
@@ -105,13 +106,31 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def main() -> None:
+def _child_result(child: subprocess.CompletedProcess, purifier: str, attack: str) -> dict:
+    """The measurement a child printed as its last line, or SystemExit with the child's own
+    reason (the end of its stderr) when it failed or printed none."""
+    lines = child.stdout.strip().splitlines()
+    if child.returncode == 0 and lines:
+        try:
+            return json.loads(lines[-1])
+        except json.JSONDecodeError:
+            pass
+    reason = "\n".join(child.stderr.strip().splitlines()[-20:]) or "(nothing on stderr)"
+    raise SystemExit(
+        f"attack_speed: measuring {attack!r} on {purifier!r} failed (exit status "
+        f"{child.returncode}); the child process said:\n{reason}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--batch", type=positive_int, default=16, help="images per attack")
+    parser.add_argument("--steps", type=positive_int, default=3,
+                        help="iterations of the PGD-type attacks")
+    parser.add_argument("--queries", type=positive_int, default=50,
+                        help="queries of the square attack")
     parser.add_argument("--one", nargs=2, metavar=("PURIFIER", "ATTACK"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(measure(*args.one, args.batch, args.steps, args.queries)))
         return
@@ -123,9 +142,9 @@ def main() -> None:
         for attack in ATTACKS:
             command = [sys.executable, __file__, "--one", purifier, attack, "--batch",
                        str(args.batch), "--steps", str(args.steps), "--queries", str(args.queries)]
-            result = json.loads(subprocess.run(
-                command, check=True, capture_output=True, text=True
-            ).stdout.strip().splitlines()[-1])
+            result = _child_result(subprocess.run(
+                command, check=False, capture_output=True, text=True
+            ), purifier, attack)
             memory = result["extra_memory_mib"]
             memory = "n/a" if memory is None else f"{memory:.0f}"
             print(f"| {purifier} | {attack} | {result['seconds_per_iteration']:.3f} | {memory} |",

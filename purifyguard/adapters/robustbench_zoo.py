@@ -91,8 +91,9 @@ def parse_robustbench_name(name: str) -> RobustBenchName:
 def default_model_dir() -> Path:
     """Where load_robustbench_model keeps checkpoints when model_dir is None:
     $PURIFYGUARD_CACHE/robustbench (~/.cache/purifyguard/robustbench)."""
-    cache = Path(os.environ.get("PURIFYGUARD_CACHE", Path.home() / ".cache" / "purifyguard"))
-    return cache / "robustbench"
+    from purifyguard.files import cache_folder
+
+    return cache_folder("robustbench")
 
 
 def load_robustbench_model(

@@ -156,11 +156,7 @@ def _classifier_folder(name: str, checkpoint: str | None, option: str) -> Path |
                 "checkpoint option (or give a timm name with it)"
             )
         if _folder_config(folder) is None:
-            raise ValueError(
-                f"{option} {name}: the folder has no classifier {CLASSIFIER_CONFIG} naming a timm "
-                "\"architecture\" (as timm's save_for_hf and purifyguard train guidance write "
-                "it); give a timm model name with a .safetensors checkpoint instead"
-            )
+            raise ValueError(_not_a_classifier_folder(folder, name, option))
         return folder
     if checkpoint is None:
         return None
@@ -200,6 +196,34 @@ def _folder_config(folder: Path) -> dict[str, Any] | None:
         return None
     architecture, kwargs = guidance_config(config, path)
     return {"architecture": architecture, "kwargs": kwargs}
+
+
+def _not_a_classifier_folder(folder: Path, name: str, option: str) -> str:
+    """Why a folder given as the classifier is not one: what it holds instead (pickle weights,
+    named, with how to convert them; a purifier folder; nothing) and what a classifier folder
+    holds."""
+    from purifyguard.folder_safety import (
+        PURIFIER_CONFIG,
+        describe_folder,
+        find_pickles,
+    )
+    from purifyguard.guidance_network_format import network_pickle_message
+
+    holds = (f"a classifier folder holds a {CLASSIFIER_CONFIG} naming a timm \"architecture\" "
+             f"and {CLASSIFIER_WEIGHTS} (as timm's save_for_hf and purifyguard train guidance "
+             "write them); or give a timm model name with a .safetensors checkpoint "
+             "(--checkpoint)")
+    pickles = find_pickles(folder)
+    if pickles:
+        return f"{option} {name}: {network_pickle_message(pickles, folder)}; {holds}"
+    if (folder / PURIFIER_CONFIG).is_file():
+        found = ("it is a purifier folder (it holds purifier_config.json): give it as the "
+                 "purifier (--purifier), not as the classifier")
+    elif (folder / CLASSIFIER_CONFIG).is_file():
+        found = f"its {CLASSIFIER_CONFIG} names no timm \"architecture\""
+    else:
+        found = describe_folder(folder)
+    return f"{option} {name}: not a classifier folder, {found}; {holds}"
 
 
 def _from_folder(folder: Path, checkpoint: str | None, option: str) -> nn.Module:
