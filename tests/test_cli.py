@@ -322,7 +322,8 @@ def test_a_torchvision_name_loads_a_checkpoint_or_its_default_weights(monkeypatc
     # A torchvision checkpoint does not say how the model wants its input: nothing is guessed
     # (issue 24 removed the silent ImageNet statistics), --mean/--std say it.
     options = ["--checkpoint", str(weights), "--purifier", "none"]
-    with pytest.raises(ValueError, match="torchvision models do not record"):
+    with pytest.raises(ValueError, match="torchvision models do not record.*pass --mean and "
+                                         "--std \\(and --input-size\\)"):
         evaluated(monkeypatch, ["--classifier", "squeezenet1_1", *options], rgb_data())
     normalization = ["--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"]
     for name in ("squeezenet1_1", "torchvision:squeezenet1_1"):  # timm has no squeezenet
@@ -332,6 +333,9 @@ def test_a_torchvision_name_loads_a_checkpoint_or_its_default_weights(monkeypatc
         assert all(torch.equal(value, network.state_dict()[key])
                    for key, value in model.classifier.state_dict().items())
         assert model.normalization_source == "explicit mean/std"
+    model, _ = evaluated(monkeypatch, ["--classifier", "squeezenet1_1", *options, *normalization,
+                                       "--input-size", "32"], rgb_data())
+    assert model.input_size == 32
 
     # --pretrained: the DEFAULT weights, whose own transforms give the normalisation (a stand-in
     # builder here, so that nothing is downloaded).

@@ -181,6 +181,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "evaluate") ->
                             "timm's or torchvision's)")
     model.add_argument("--std", type=float, nargs="+",
                        help="normalisation std (default: the classifier's own, as --mean)")
+    model.add_argument("--input-size", type=positive_int,
+                       help="the side of the images the classifier takes; others are resized "
+                            "(default: the classifier's own: its folder's, timm's or torchvision's)")
     model.add_argument("--purifier",
                        help="registered name, folder or Hub id; 'none': undefended (default: the "
                             "registered default for the classifier's input)")
@@ -326,6 +329,7 @@ def _test_split(name: str, root: str | None):
 
 def _purified_model(args: argparse.Namespace, classifier: LoadedClassifier, purifier: Any = None,
                     settings: dict[str, Any] | None = None):
+    from purifyguard.normalization import is_torchvision_model
     from purifyguard.purified_model import PurifiedModel
 
     if purifier is None and args.purifier is not None:
@@ -333,7 +337,14 @@ def _purified_model(args: argparse.Namespace, classifier: LoadedClassifier, puri
     normalization = classifier.normalization
     if args.mean is not None or args.std is not None:
         normalization = {"mean": args.mean, "std": args.std}
-    model = PurifiedModel(classifier.module, purifier, n_samples=args.n_samples, **normalization)
+    elif not normalization and is_torchvision_model(classifier.module):
+        raise ValueError(
+            f"--classifier {args.classifier}: torchvision models do not record the weights they "
+            "were built with, so how this one wants its input is unknown: pass --mean and --std "
+            "(and --input-size) as it was trained, or --pretrained for torchvision's DEFAULT "
+            "weights, whose transforms say it")
+    model = PurifiedModel(classifier.module, purifier, n_samples=args.n_samples,
+                          input_size=args.input_size, **normalization)
     if model.purifier is not None and settings:
         try:
             model = model.with_purifier(model.purifier.with_settings(**settings))
