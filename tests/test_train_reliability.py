@@ -394,3 +394,18 @@ def test_train_without_a_routine_lists_the_routines(argv, code, capsys):
         assert line in listing
     if argv == ["difusion"]:
         assert "unknown routine 'difusion'" in printed.err
+
+
+def test_a_full_disk_while_checkpointing_names_the_file(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from purifyguard.train import checkpoint
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull,"
+                              " message: \"No space left on device\" })")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(OSError, match=r"could not write the checkpoint file .*state\.safetensors: "
+                                      r"Error while serializing.*StorageFull.*--resume"):
+        checkpoint.save_tree({"weights": torch.zeros(3)}, tmp_path, "state")

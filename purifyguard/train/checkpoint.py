@@ -66,7 +66,15 @@ def save_tree(value: Any, folder: str | Path, name: str) -> list[str]:
     skeleton_file = folder / f"{name}.json"
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _encode(value, "", tensors, set(), skeleton_file)
-    save_file(tensors, str(folder / f"{name}.safetensors"), metadata={"format": "pt"})
+    tensor_file = folder / f"{name}.safetensors"
+    try:
+        save_file(tensors, str(tensor_file), metadata={"format": "pt"})
+    except (SafetensorError, OSError) as error:  # a full disk, a folder gone
+        raise OSError(
+            f"could not write the checkpoint file {tensor_file}: {error}. The checkpoint being "
+            "written is left incomplete (.partial) and the newest intact one is kept: free space "
+            "(or fix the folder) and continue with --resume"
+        ) from None
     write_atomic(skeleton_file, json.dumps(
         {"format": FORMAT, "version": VERSION, "tree": skeleton}, allow_nan=False
     ) + "\n")
