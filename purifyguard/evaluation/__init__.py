@@ -25,6 +25,8 @@ _EXPORTS = {
     "default_attacks": "purifyguard.evaluation.attacks",
     "evaluate": "purifyguard.evaluation.harness",
     "evaluate_models": "purifyguard.evaluation.harness",
+    "headline": "purifyguard.evaluation.headline",
+    "headline_markdown": "purifyguard.evaluation.headline",
     "markdown_table": "purifyguard.evaluation.report",
     "parse_attack": "purifyguard.evaluation.attacks",
     "register_attack": "purifyguard.evaluation.attack_registry",
@@ -43,6 +45,8 @@ __all__ = [
     "default_attacks",
     "evaluate",
     "evaluate_models",
+    "headline",
+    "headline_markdown",
     "markdown_table",
     "parse_attack",
     "register_attack",
@@ -62,6 +66,7 @@ if TYPE_CHECKING:  # what type checkers, IDEs and the API docs see
         evaluate_models,
         run_sanity_checks,
     )
+    from purifyguard.evaluation.headline import headline, headline_markdown
     from purifyguard.evaluation.report import markdown_table, validate_report
     from purifyguard.evaluation.stats import wilson_interval
 
