@@ -25,6 +25,8 @@ _RGB_TO_GREY = (0.299, 0.587, 0.114)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "nearest-exact", "area")
 # Images per classifier call when no graph is kept.
 CLASSIFY_CHUNK = 512
+# How the n_samples purifications combine: averaged logits, or a majority vote of their classes.
+AGGREGATIONS = ("mean", "vote")
 # Smaller images carry too little to classify: a 1x1 input is a mistake, not a picture.
 MIN_IMAGE_SIDE = 8
 
@@ -41,7 +43,10 @@ class PurifiedModel(PurifiedModelHubMixin, nn.Module):
     transforms read it), in that order. A torchvision model with none of these is refused
     (ValueError): it does not record its weights. Any other nn.Module gets no normalisation (a
     warning says so). `normalization_source` says where the normalisation came from.
-    `n_samples` averages the logits of that many independent purifications. The model starts in
+    `n_samples` purifies each image that many times, independently; `aggregate` combines them:
+    "mean" averages the logits, "vote" answers the class most of them predict (ties to the
+    larger mean logit). A vote's output is log(share of votes) in value, with the averaged
+    logits' gradient (straight through), so attacks still see a direction. The model starts in
     eval mode. save_pretrained, from_pretrained and push_to_hub share it like a purifier
     (purifyguard.purified_model_hub).
     """
@@ -57,11 +62,13 @@ class PurifiedModel(PurifiedModelHubMixin, nn.Module):
         input_size: int | None = None,
         n_samples: int = 1,
         interpolation: str = "bilinear",
+        aggregate: str = "mean",
     ) -> None:
         super().__init__()
         if not isinstance(classifier, nn.Module):
             raise ValueError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
         check_int("n_samples", n_samples, minimum=1)
+        check_choice("aggregate", aggregate, AGGREGATIONS)
         check_choice("interpolation", interpolation, INTERPOLATIONS)
         check_optional_int("input_size", input_size, minimum=MIN_IMAGE_SIDE)
         self.classifier = classifier
@@ -71,6 +78,7 @@ class PurifiedModel(PurifiedModelHubMixin, nn.Module):
         self.normalization_source = source
         self.input_size = input_size or resolution
         self.n_samples = n_samples
+        self.aggregate = aggregate
         self.interpolation = interpolation
         self.purifier = self._resolve_purifier(purifier)
         self.eval()
@@ -110,8 +118,11 @@ class PurifiedModel(PurifiedModelHubMixin, nn.Module):
         if self.n_samples == 1:
             return self.classify(self._purify_checked(x))
         repeated = x.repeat(self.n_samples, 1, 1, 1)
-        logits = self.classify(self._purify_checked(repeated))
-        return logits.view(self.n_samples, x.shape[0], -1).mean(0)
+        logits = self.classify(self._purify_checked(repeated)).view(self.n_samples, x.shape[0], -1)
+        mean = logits.mean(0)
+        if self.aggregate == "mean":
+            return mean
+        return mean + (majority_vote(logits, mean) - mean).detach()
 
     def purify(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         """The purified images, at the input's size and channels, in [0, 1]."""
@@ -272,3 +283,11 @@ def _convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     if x.shape[1] == 1 and channels == 3:
         return x.expand(-1, 3, -1, -1)
     return x
+
+
+def majority_vote(logits: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """log(share of the k purifications voting for each class), from (k, n, classes) logits;
+    among classes of equal votes the larger mean logit wins (by a margin below one vote)."""
+    votes = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(mean.dtype).mean(0)
+    tie_break = 1e-3 / len(logits) * mean.detach().softmax(-1)
+    return (votes + tie_break).log()

@@ -212,6 +212,7 @@ class PurifiedModelHubMixin:
                 network, purifier, mean=handling["mean"], std=handling["std"],
                 input_size=handling["input_size"], interpolation=handling["interpolation"],
                 n_samples=saved["n_samples"] if n_samples is None else n_samples,
+                aggregate=saved["aggregate"],
             )
         except ValueError as error:
             raise ValueError(f"{config_file}: {error}") from None
@@ -310,6 +311,7 @@ def _write_folder(
         "classifier": described,
         "purifier": PURIFIER_DIR if model.purifier is not None else None,
         "n_samples": model.n_samples,
+        "aggregate": model.aggregate,
         "input": handling,
     })
     shown = {
@@ -319,7 +321,8 @@ def _write_folder(
         "input size (side of the images the classifier reads)":
             handling["input_size"] or "not stated",
         "interpolation (resizing to and from the purifier)": handling["interpolation"],
-        "n_samples (purifications averaged)": model.n_samples,
+        "n_samples (independent purifications per image)": model.n_samples,
+        "aggregate (how they combine: mean logits or majority vote)": model.aggregate,
         "normalisation from": handling["normalization_source"],
     }
     card = defended_model_card(
@@ -377,7 +380,8 @@ def _read_config(path: Path) -> dict[str, Any]:
             f"{path} has format_version {version}; this purifyguard reads up to "
             f"{FORMAT_VERSION}: upgrade purifyguard"
         )
-    unknown = set(config) - {"format_version", "classifier", "purifier", "n_samples", "input"}
+    unknown = set(config) - {"format_version", "classifier", "purifier", "n_samples", "aggregate",
+                             "input"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
     classifier = config.get("classifier")
@@ -401,6 +405,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     if channels is not None and (not isinstance(channels, int) or isinstance(channels, bool)):
         raise ValueError(f"{path}: input.channels must be an integer or null, got {channels!r}")
     config.setdefault("n_samples", 1)
+    config.setdefault("aggregate", "mean")  # folders saved before the vote existed
     return config
 
 

@@ -191,7 +191,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "evaluate") ->
                        help="change a purifier setting, e.g. t_star=20 or fixed_noise=true "
                             "(repeatable; true/false, none, numbers and strings; default: none)")
     model.add_argument("--n-samples", type=positive_int, default=1,
-                       help="purifications averaged per call")
+                       help="independent purifications per image and call")
+    model.add_argument("--aggregate", choices=("mean", "vote"), default="mean",
+                       help="how --n-samples purifications combine: mean logits or a majority "
+                            "vote of their classes")
     add_device_argument(model)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="fashion-mnist", choices=DATASETS,
@@ -344,7 +347,7 @@ def _purified_model(args: argparse.Namespace, classifier: LoadedClassifier, puri
             "(and --input-size) as it was trained, or --pretrained for torchvision's DEFAULT "
             "weights, whose transforms say it")
     model = PurifiedModel(classifier.module, purifier, n_samples=args.n_samples,
-                          input_size=args.input_size, **normalization)
+                          aggregate=args.aggregate, input_size=args.input_size, **normalization)
     if model.purifier is not None and settings:
         try:
             model = model.with_purifier(model.purifier.with_settings(**settings))

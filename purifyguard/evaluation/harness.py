@@ -438,8 +438,11 @@ def _settings_of(model: nn.Module) -> dict[str, Any]:
     purifier = getattr(model, "purifier", None)
     if purifier is None:
         return {}
-    return {"purifier": purifier.current_config().to_dict(), "nfe": purifier.config.nfe,
-            "n_samples": getattr(model, "n_samples", 1)}
+    settings = {"purifier": purifier.current_config().to_dict(), "nfe": purifier.config.nfe,
+                "n_samples": getattr(model, "n_samples", 1)}
+    if getattr(model, "aggregate", "mean") != "mean":  # absent at the default: versions stay
+        settings["aggregate"] = model.aggregate
+    return settings
 
 
 def _distributed_state() -> PartialState:
