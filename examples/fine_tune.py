@@ -9,7 +9,7 @@ commands run on one GPU, several GPUs or several machines as accelerate is confi
 docs/training.md). Needs the Fashion-MNIST IDX files: --data-root <folder>, or found in
 $PURIFYGUARD_FASHION_MNIST or /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist);
 without them it stops at once, saying so. To adapt a classifier you hold in memory (timm,
-torchvision or your own), see examples/adapt_classifier.py.
+torchvision or your own), see examples/own_classifier.py.
 """
 
 from __future__ import annotations
