@@ -9,9 +9,12 @@ between kinds (how it crafts, its default step, which settings apply, its budget
 | bpda            | PGD with EOT, the purifier's backward replaced by the identity | bpda          |
 | transfer        | PGD crafted on the undefended classifier, replayed on the defence | transfer     |
 | square          | Square attack, queries only                                    | black-box     |
+| feature         | PGD on the guidance network's features, toward another class  | transfer      |
 
 apgd-eot and pgd also take substitute= (smooth_substitute.py): the real defence forward, a smooth
-stand-in of its guidance network backward, on the same noise.
+stand-in of its guidance network backward, on the same noise. From what the defence exposes
+(exposed_attacks.py): transfer takes source=guidance (crafted on the purifier's guidance network),
+and apgd-eot and pgd take init=transfer-guidance|feature (start from that attack's examples).
 
 A kind of your own, by one decorated function (or an Attack subclass, with run as a method):
 
@@ -46,6 +49,7 @@ from purifyguard.evaluation.apgd import (
     RHO,
     apgd_eot,
 )
+from purifyguard.evaluation.exposed_attacks import SOURCES, feature_pgd
 from purifyguard.evaluation.pgd import eot_pgd
 from purifyguard.evaluation.seeds import derive_seed
 from purifyguard.validation import check_bool, check_choice, check_int, check_number
@@ -61,12 +65,13 @@ REFERENCE_APGD_STEPS = 100  # AutoAttack's own iteration count for APGD
 REFERENCE_SQUARE_QUERIES = 5000
 
 # What the attacker uses: the defence's gradient (full or surrogate, as the spec says), that
-# gradient with the purifier's backward replaced by the identity, the undefended classifier's
-# gradient, or the defence's answers only.
+# gradient with the purifier's backward replaced by the identity, the gradient of a network
+# crafted on alone (the undefended classifier or the guidance network, see Attack.source), or
+# the defence's answers only.
 ACCESS = ("white-box", "bpda", "transfer", "black-box")
 # AttackSpec fields that apply to some kinds only (Attack.options); the others apply to all.
 OPTIONS = ("n_queries", "restarts", "loss", "momentum", "select_draws", "eot_weighting", "graft",
-           "substitute")
+           "substitute", "source", "init")
 # The record keys of kind-specific settings (Attack.own_settings), None for the other kinds.
 APGD_KEYS = ("restarts", "loss", "momentum", "select_draws", "eot_weighting", "graft",
              "step_schedule")
@@ -83,10 +88,15 @@ class Attack:
     min_steps: the least steps a spec of this kind may ask for.
     uses_eot: False pins eot to 1 (nothing random to average over).
     access: one of ACCESS; picks the model run() gets and the report's gradient_mode.
+    source: for access "transfer", what run() crafts on: "undefended" (the bare classifier) or
+        "guidance" (the purifier's guidance network, exposed_attacks.GuidanceClassifier); a kind
+        with the option "source" lets the spec's source decide.
     always_random_start: the attack starts from a random point whatever random_start says.
     stepped: run() calls on_step after each of the spec's steps (per-iteration progress).
     options: the fields of OPTIONS that apply (n_queries for square, the APGD settings,
-        substitute for the white-box kinds that differentiate a smooth stand-in on request...).
+        substitute for the white-box kinds that differentiate a smooth stand-in on request,
+        source for transfer, init for the kinds whose run() starts where eot_pgd / apgd_eot
+        draw their random start...).
     reference_steps / reference_eot / reference_queries: the protocol's reference; a spec below
         one of them is reported as reduced (steps None: not compared; eot only when uses_eot;
         queries only when n_queries is an option).
@@ -98,6 +108,7 @@ class Attack:
     min_steps: int = 0
     uses_eot: bool = True
     access: str = "white-box"
+    source: str = "undefended"
     always_random_start: bool = False
     stepped: bool = False
     options: tuple[str, ...] = ()
@@ -154,7 +165,8 @@ class Attack:
 
 
 PROPERTIES = frozenset({
-    "description", "default_step", "min_steps", "uses_eot", "access", "always_random_start",
+    "description", "default_step", "min_steps", "uses_eot", "access", "source",
+    "always_random_start",
     "stepped", "options", "reference_steps", "reference_eot", "reference_queries",
     "validate", "gradient_evaluations", "selection_forward_passes", "reduced", "own_settings",
 })
@@ -253,6 +265,7 @@ def _check_attack(attack: Attack) -> None:
         for name in ("uses_eot", "always_random_start", "stepped"):
             check_bool(name, getattr(attack, name))
         check_choice("access", attack.access, ACCESS)
+        check_choice("source", attack.source, SOURCES)
         if not isinstance(attack.options, (tuple, list, set, frozenset)):
             raise ValueError(f"options must be a tuple of names, got {attack.options!r}")
         for option in attack.options:
@@ -291,7 +304,7 @@ class APGDEOT(Attack):
     min_steps = 1
     stepped = True
     options = ("restarts", "loss", "momentum", "select_draws", "eot_weighting", "graft",
-               "substitute")
+               "substitute", "init")
 
     def validate(self, spec: AttackSpec) -> None:
         if spec.n_restarts > spec.steps:
@@ -343,7 +356,7 @@ class _EOTPGD(Attack):
 class PGD(_EOTPGD):
     """PGD with EOT through the whole purified model."""
 
-    options = ("substitute",)
+    options = ("substitute", "init")
 
 
 @register_attack("autoattack-rand")
@@ -381,6 +394,7 @@ class Transfer(_EOTPGD):
     """PGD crafted on the undefended classifier, replayed on the defence."""
 
     access = "transfer"
+    options = ("source",)  # source=guidance: crafted on the purifier's guidance network instead
     uses_eot = False  # the undefended classifier draws no noise to average
 
 
@@ -407,6 +421,21 @@ class Square(Attack):
         )
         attack.set_device(images.device)
         return attack(images, labels).detach()
+
+
+@register_attack("feature")
+class Feature(Attack):
+    """PGD on the guidance network's features, toward another class's centroid."""
+
+    access = "transfer"
+    source = "guidance"  # a GuidanceClassifier (exposed_attacks.py): no gradient via the purifier
+    uses_eot = False  # the guidance network draws no noise
+    stepped = True
+
+    def run(self, spec, model, images, labels, *, seed, on_step, trace):
+        return feature_pgd(model, images, labels, eps=spec.eps, step_size=spec.alpha,
+                           steps=spec.steps, norm=spec.norm, random_start=spec.random_start,
+                           on_step=on_step)
 
 
 def _torchattacks_norm(spec: AttackSpec) -> str:

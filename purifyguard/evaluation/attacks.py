@@ -1,7 +1,7 @@
 """Named attack settings (AttackSpec, parse_attack) and how each one runs against a model from
 [0, 1] images to logits. The kinds, and what differs between them, are the registered Attacks of
-attack_registry.py (apgd-eot, pgd, autoattack-rand, bpda, transfer, square and any added with
-register_attack).
+attack_registry.py (apgd-eot, pgd, autoattack-rand, bpda, transfer, square, feature and any added
+with register_attack).
 """
 
 from __future__ import annotations
@@ -29,6 +29,13 @@ from purifyguard.evaluation.attack_registry import (
     registered_attacks,
 )
 from purifyguard.evaluation.em_weighting import EOT_WEIGHTINGS
+from purifyguard.evaluation.exposed_attacks import (
+    INITS,
+    SOURCES,
+    GuidanceClassifier,
+    guidance_of,
+    starting_from,
+)
 from purifyguard.evaluation.pgd import NORMS
 from purifyguard.evaluation.seeds import derive_seed
 from purifyguard.evaluation.smooth_substitute import (
@@ -42,6 +49,9 @@ from purifyguard.evaluation.smooth_substitute import (
 from purifyguard.evaluation.trace import AttackTrace
 from purifyguard.validation import check_bool, check_choice, check_int, check_number
 
+# The record's init: which of the init attack's settings it keeps.
+INIT_KEYS = ("name", "kind", "norm", "eps", "steps", "step_size", "random_start", "gradient_mode",
+             "gradient_evaluations")
 KINDS = Kinds(lambda attack: True)  # the registered kinds, as they stand at each use
 # The attacks that call on_step once per gradient iteration (harness.py shows their steps).
 STEPPED_KINDS = Kinds(lambda attack: attack.stepped)
@@ -73,6 +83,12 @@ class AttackSpec:
     replaced by substitute_pool ("lse": LogSumExp, "avg"), sharpness substitute_beta, on the
     same noise. These three enter the record (gradient_mode) and the batch keys only when
     substitute is set.
+    From what the defence exposes (exposed_attacks.py): source (transfer only) is what the
+    transfer attack crafts on, "undefended" (the bare classifier) or "guidance" (the purifier's
+    guidance network); the record's gradient_mode says which. init (apgd-eot and pgd only;
+    "transfer-guidance" or "feature", None: off) starts the attack from that cheap attack's
+    examples (same eps and norm, init_steps steps, None: REFERENCE_STEPS) instead of a random
+    point; the record's init describes it. Both stay out of the batch keys at their defaults.
     """
 
     kind: str = "pgd"
@@ -97,6 +113,9 @@ class AttackSpec:
     substitute: str | None = None
     substitute_beta: float = DEFAULT_BETA
     substitute_pool: str = DEFAULT_POOL
+    source: str = "undefended"
+    init: str | None = None
+    init_steps: int | None = None
 
     def __post_init__(self) -> None:
         """Check every field (ValueError naming it); numbers are stored as plain floats/ints."""
@@ -132,6 +151,7 @@ class AttackSpec:
                 owners = ", ".join(k for k, a in ATTACKS.items() if "graft" in a.options)
                 raise ValueError(f"graft=True is an option of {owners}, not of {self.kind!r}")
             self._check_substitute(attack)
+            self._check_exposed(attack)
             attack.validate(self)
         except ValueError as error:
             raise ValueError(where + str(error)) from None
@@ -156,6 +176,40 @@ class AttackSpec:
                                if "substitute" in a.options and a.access == "white-box")
             raise ValueError(f"substitute={self.substitute!r} is an option of {owners}, not of "
                              f"{self.kind!r}")
+
+    def _check_exposed(self, attack: Attack) -> None:
+        check_choice("source", self.source, SOURCES)
+        if self.source != "undefended" and "source" not in attack.options:
+            raise ValueError(f"source={self.source!r} is an option of {_owners('source')}, not "
+                             f"of {self.kind!r}")
+        if isinstance(self.init, str) and self.init.lower() == "none":
+            self.init = None
+        if self.init is not None:
+            check_choice("init", self.init, tuple(INITS))
+            if "init" not in attack.options:
+                raise ValueError(f"init={self.init!r} is an option of {_owners('init')}, not of "
+                                 f"{self.kind!r}")
+        if self.init_steps is not None:
+            self.init_steps = check_int("init_steps", self.init_steps, 1)
+            if self.init is None:
+                raise ValueError("init_steps is the budget of the init attack: set init (e.g. "
+                                 "init=feature) to use it")
+
+    @property
+    def transfer_source(self) -> str:
+        """What a transfer-access kind crafts on: the spec's source where the kind takes the
+        option, else the kind's own (Attack.source)."""
+        return self.source if "source" in self.attack.options else self.attack.source
+
+    @property
+    def init_spec(self) -> AttackSpec | None:
+        """The cheap attack this one starts from (same norm and eps), None without init."""
+        if self.init is None:
+            return None
+        kind, settings = INITS[self.init]
+        steps = REFERENCE_STEPS if self.init_steps is None else self.init_steps
+        return AttackSpec(kind, name=self.init, norm=self.norm, eps=self.eps, steps=steps,
+                          **settings)
 
     @property
     def substitute_activation(self) -> str | None:
@@ -189,8 +243,11 @@ class AttackSpec:
     def gradient_mode(self) -> str:
         """What the attacker differentiates, as written in reports."""
         access = self.attack.access
+        if access == "transfer":
+            return ("transfer from guidance network" if self.transfer_source == "guidance"
+                    else "transfer from undefended")
         if access != "white-box":
-            return {"transfer": "transfer from undefended"}.get(access, access)
+            return access
         mode = "full"
         if self.gradient == "surrogate":
             mode = f"surrogate({self.surrogate_sampler}, {self.surrogate_steps} steps)"
@@ -255,7 +312,16 @@ class AttackSpec:
             "gradient_evaluations": self.gradient_evaluations,
             "crafting_forward_passes": self.crafting_forward_passes,
             "selection_forward_passes": self.selection_forward_passes,
+            "init": self._init_record(),
         }
+
+    def _init_record(self) -> dict[str, Any] | None:
+        """What the attack started from: the init attack's settings and budget (None: none)."""
+        init = self.init_spec
+        if init is None:
+            return None
+        record = init.to_dict()
+        return {key: record[key] for key in INIT_KEYS}
 
     def _apgd_settings(self) -> dict[str, Any]:
         """The kind's own settings (apgd-eot's), None for the keys it has none of."""
@@ -275,7 +341,14 @@ class AttackSpec:
         for key in APGD_KEYS:
             if settings[key] is None or (key == "graft" and not settings[key]):
                 del settings[key]
+        if settings["init"] is None:
+            del settings["init"]  # batches stored before init existed keep their keys
         return settings
+
+
+def _owners(option: str) -> str:
+    """The registered kinds that take `option` (Attack.options), for messages."""
+    return ", ".join(kind for kind, attack in ATTACKS.items() if option in attack.options)
 
 
 def parse_attack(text: str) -> AttackSpec:
@@ -353,7 +426,11 @@ def default_attacks(norm: str = "linf", eps: float = 0.1, steps: int = REFERENCE
 def attacked_model(spec: AttackSpec, model: nn.Module, undefended: nn.Module | None) -> nn.Module:
     """The model whose gradients (or queries) the attack uses, as its kind's access says; the
     verdict always uses `model`. With spec.substitute, a SmoothSubstituteModel: that model's
-    value, a smooth stand-in's gradient (smooth_substitute.py)."""
+    value, a smooth stand-in's gradient (smooth_substitute.py). Crafting on the guidance network
+    (transfer:source=guidance, feature): a GuidanceClassifier of `model` (exposed_attacks.py).
+    With spec.init, `model` must have a guidance network (checked here, used by run_attack)."""
+    if spec.init is not None:
+        guidance_of(model, f"init={spec.init!r}")
     attacked = _gradient_model(spec, model, undefended)
     if spec.substitute is None:
         return attacked
@@ -364,6 +441,10 @@ def attacked_model(spec: AttackSpec, model: nn.Module, undefended: nn.Module | N
 def _gradient_model(spec: AttackSpec, model: nn.Module, undefended: nn.Module | None
                     ) -> nn.Module:
     access = spec.attack.access
+    if access == "transfer" and spec.transfer_source == "guidance":
+        what = ("transfer:source=guidance" if spec.kind == "transfer"
+                else f"the {spec.kind} attack")
+        return GuidanceClassifier(model, what)
     if access == "transfer":
         if undefended is None:
             raise ValueError(
@@ -400,8 +481,35 @@ def run_attack(
     on_step: called after each gradient iteration of the STEPPED_KINDS attacks (progress bars);
     trace: filled with their crafting draws' answers per iteration (convergence curve).
     A SmoothSubstituteModel first measures its forward distance on the batch (its own noise,
-    from `seed`; model.record() holds it)."""
+    from `seed`; model.record() holds it). With spec.init, the init attack runs first on the
+    guidance network of `model` (its own seed, derived from `seed`), and the attack starts
+    from its examples instead of a random point (exposed_attacks.starting_from)."""
     if isinstance(model, SmoothSubstituteModel):
         model.measure(images, derive_seed(seed, "substitute distance"))
+    if spec.init is None:
+        torch.manual_seed(seed)
+        return spec.attack.run(spec, model, images, labels, seed=seed, on_step=on_step,
+                               trace=trace)
+    start = initial_examples(spec, model, images, labels, seed)
     torch.manual_seed(seed)
-    return spec.attack.run(spec, model, images, labels, seed=seed, on_step=on_step, trace=trace)
+    with starting_from(start) as taken:
+        adversarial = spec.attack.run(spec.replace(random_start=True), model, images, labels,
+                                      seed=seed, on_step=on_step, trace=trace)
+    if not taken[0]:
+        raise RuntimeError(f"attack {spec.label!r} ({spec.kind}) never drew a random start from "
+                           f"eot_pgd / apgd_eot, so it could not start from init={spec.init!r}")
+    return adversarial
+
+
+def initial_examples(spec: AttackSpec, model: nn.Module, images: torch.Tensor,
+                     labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """The adversarial examples of spec.init_spec (crafted on the guidance network of `model`,
+    the attacked model or the defence), where spec starts from."""
+    init = spec.init_spec
+    if init is None:
+        raise ValueError(f"attack {spec.label!r} has no init")
+    crafted_on = GuidanceClassifier(model, f"init={spec.init!r}")
+    init_seed = derive_seed(seed, "init", spec.init)
+    torch.manual_seed(init_seed)
+    return init.attack.run(init, crafted_on, images, labels, seed=init_seed, on_step=None,
+                           trace=None).detach()

@@ -34,7 +34,7 @@ RECORD_SCHEMA = {
         "eot_weighting": (str, type(None)), "graft": (bool, type(None)),
         "step_schedule": (dict, type(None)),
         "gradient_evaluations": int, "crafting_forward_passes": int,
-        "selection_forward_passes": int,
+        "selection_forward_passes": int, "init": (dict, type(None)),
     },
     "n": int, "seed": int, "runs": int,
     "clean_accuracy": _ACCURACY,
@@ -47,7 +47,8 @@ RECORD_SCHEMA = {
     "substitute": (dict, type(None)),
 }
 # Keys added after reports were first published: a report written before them still validates.
-LATER_KEYS = frozenset({"graft", "crafting_forward_passes", "eot_alignment", "substitute"})
+LATER_KEYS = frozenset({"graft", "crafting_forward_passes", "eot_alignment", "substitute",
+                        "init"})
 CHECK_SCHEMA = {"check": str, "passed": bool, "message": str, "values": dict}
 REPORT_SCHEMA = {
     "schema_version": int,
