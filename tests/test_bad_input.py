@@ -552,3 +552,27 @@ def test_attack_speed_refuses_bad_arguments_and_reports_its_childs_reason(capsys
     assert attack_speed._child_result(
         subprocess.CompletedProcess(["python"], 0, stdout='log\n{"nfe": 2}\n', stderr=""),
         "p", "a") == {"nfe": 2}
+
+
+@pytest.mark.parametrize("text", ["apgd-eot:eps=5", "pgd:eps=8", "pgd:eps=1.0001"])
+def test_an_linf_eps_above_one_is_refused(text):
+    from purifyguard.evaluation import parse_attack
+
+    with pytest.raises(ValueError, match=r"L-inf radius on images in \[0, 1\], so it must be <= 1"):
+        parse_attack(text)
+
+
+def test_an_linf_eps_of_one_and_a_large_l2_eps_stay_allowed():
+    from purifyguard.evaluation import parse_attack
+
+    assert parse_attack("pgd:eps=1").eps == 1.0  # the sanity checks' unbounded attack
+    assert parse_attack("pgd:norm=l2,eps=5").eps == 5.0
+
+
+def test_the_command_line_refuses_an_eps_meant_as_eight_255ths(capsys):
+    from purifyguard.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["demo", "--eps", "8", "--threads", "1"])
+    assert stopped.value.code == 1
+    assert "eps=8 is an L-inf radius" in capsys.readouterr().err

@@ -128,6 +128,10 @@ class AttackSpec:
             check_choice("norm", self.norm, NORMS)
             # eps = 0 is allowed: the no-attack point of an eps sweep (see sanity.py).
             self.eps = check_number("eps", self.eps, non_negative=True)
+            if self.norm == "linf" and self.eps > 1:
+                raise ValueError(
+                    f"eps={self.eps:g} is an L-inf radius on images in [0, 1], so it must be <= 1 "
+                    "(1 already allows any image); 8/255 is written eps=0.0314, not eps=8")
             self.steps = check_int("steps", self.steps, attack.min_steps)
             if self.step_size is not None:
                 self.step_size = check_number("step_size", self.step_size, positive=True)

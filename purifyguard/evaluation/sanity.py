@@ -79,7 +79,9 @@ def sanity_checks(
     images, labels = select_examples(data, n, seed)
     images = check_examples(images, labels, None)
     large = large_eps or (1.0 if base.norm == "linf" else float(images[0].numel()) ** 0.5)
-    sweep = sorted({0.0, base.eps / 2, base.eps, 2 * base.eps, large})
+    # Capped at the unbounded point (an L-inf eps above 1 allows nothing more than 1 does).
+    sweep = sorted({min(eps, large) for eps in (0.0, base.eps / 2, base.eps, 2 * base.eps,
+                                                large)})
     more_steps = max(2 * base.steps, 2)
     defended = getattr(model, "purifier", None) is not None
     # eps = 0 is the clean accuracy (every record has it): no attack runs there.
