@@ -32,10 +32,12 @@ def run_demo(threads: str, demo_args: list[str], sleeping: bool) -> float:
     """Wall seconds of one demo in a fresh process."""
     environment = {k: v for k, v in os.environ.items()
                    if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}
-    if not sleeping:
-        environment["OMP_WAIT_POLICY"] = ""  # set, so the command line leaves it: OpenMP's default
+    # Plain torch: torch (and OpenMP) loaded before the command line could ask for sleeping
+    # threads, so OpenMP keeps its own wait policy.
+    start_torch = "import torch\n" if not sleeping else ""
+    code = f"{start_torch}import sys\nfrom purifyguard.cli import main\nmain(sys.argv[1:])"
     with tempfile.TemporaryDirectory() as folder:
-        command = [sys.executable, "-m", "purifyguard.cli", "demo", "--threads", threads,
+        command = [sys.executable, "-c", code, "demo", "--threads", threads,
                    "--no-progress", "--output-dir", folder, *demo_args]
         start = time.perf_counter()
         subprocess.run(command, check=True, env=environment, stdout=subprocess.DEVNULL)
@@ -60,7 +62,8 @@ def main() -> None:
     for condition in ("idle", "loaded"):
         load = None
         if condition == "loaded":
-            load = subprocess.Popen([sys.executable, "-c", LOAD])
+            quiet = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+            load = subprocess.Popen([sys.executable, "-c", LOAD], env=quiet)
         time.sleep(args.settle)
         try:
             seconds = {name: min(run_demo(threads, demo_args, sleeping)
