@@ -39,6 +39,94 @@ def records_by_model(report: dict[str, Any]) -> dict[str, dict[str, dict]]:
     return table
 
 
+HEADLINE_RULE = (
+    "The headline: for each image, the worst adversarial example over the attacks listed (given "
+    "cheap first, each run only on the images that survived the ones before; an attack that "
+    "crafts on the guidance network only against defences that have one), chosen on {selection} "
+    "selection purifications and re-judged on R = {runs} fresh purifications whose seeds the "
+    "selection never used; an image is robust in a run when its clean image and its chosen "
+    "example are both classified right. {threat}, n = {n}. Robust accuracy is the mean over the "
+    "R runs [95% Wilson interval]; \"worst of R\" counts an image only if it is robust in every "
+    "run; \"within N\" counts it if it is robust in at least one of N submissions (verdict.py). "
+    "No choice among these attacks can lower it, so it is an upper bound on robustness that "
+    "leads this page; the per-attack tables below are single attacks."
+)
+
+
+def headline_comparisons(results: dict[str, dict[str, Any]], ours: str = "ours",
+                         samples: int = 10_000, seed: int = 0) -> list[dict[str, Any]]:
+    """Ours against each other defence on the headline, on the same images: the paired
+    bootstrap of the per-image robust share (correct runs / R) and McNemar's exact test on
+    "robust in all R runs". Pairs judged on other images or another R are left out."""
+    import torch
+
+    from purifyguard.evaluation.paired import mcnemar_exact, paired_bootstrap
+
+    if ours not in results:
+        return []
+    first = results[ours]
+    comparisons = []
+    for other, second in results.items():
+        if other == ours or (second["data_fingerprint"], second["runs"]) != (
+                first["data_fingerprint"], first["runs"]):
+            continue
+        runs = first["runs"]
+        a = torch.tensor(first["per_image"]["correct_runs"], dtype=torch.float64)
+        b = torch.tensor(second["per_image"]["correct_runs"], dtype=torch.float64)
+        comparisons.append({
+            "first": ours, "second": other, "attack": "headline", "n": len(a),
+            "mean": paired_bootstrap(a / runs, b / runs, samples=samples, seed=seed),
+            "worst_case": mcnemar_exact(a == runs, b == runs),
+        })
+    return comparisons
+
+
+def headline_section(benchmark: dict[str, Any]) -> list[str]:
+    """The page's lead when the JSON has a headline: per defence the robust accuracy against
+    the per-image worst of the attacks, worst of R, within 1 / 3 / 10 submissions, clean, and
+    which attacks provided the chosen examples; then ours paired against each other defence."""
+    results = benchmark.get("headline")
+    if not results:
+        return []
+    first = next(iter(results.values()))
+    threat = first["threat_model"]
+    norm = {"linf": "L-inf", "l2": "L2"}.get(threat["norm"], threat["norm"])
+    counts = sorted({key for r in results.values()
+                     for key in r["robust_accuracy"]["within_submissions"]}, key=int)
+    lines = [
+        "### Headline: the per-image worst of the attacks", "",
+        HEADLINE_RULE.format(selection=first["selection_runs"], runs=first["runs"],
+                             threat=f"{norm} eps = {threat['eps']:g}", n=first["n"]),
+        "",
+        "| defence | robust % [95% CI] | worst of R % | "
+        + " | ".join(f"within {count} %" for count in counts)
+        + " | clean % | per-image worst from (images) |",
+        "|---|---|---|" + "---|" * len(counts) + "---|---|",
+    ]
+    for model, result in results.items():
+        robust, clean = result["robust_accuracy"], result["clean_accuracy"]
+        within = robust["within_submissions"]
+        sources = [f"{stats['name']} {stats['provided']}" for stats in result["per_attack"]]
+        sources.append(f"clean image {result['clean_unattacked']}")
+        lines.append(
+            f"| {model} | {with_interval(robust)} | {percent(robust['worst_case'])} | "
+            + " | ".join(percent(within[c]) if c in within else "-" for c in counts)
+            + f" | {percent(clean['mean'])} | {', '.join(sources)} |"
+        )
+    comparisons = benchmark.get("headline_paired", [])
+    if comparisons:
+        header = ("| defences | mean difference, points [95% CI] | p (bootstrap) | worst case: "
+                  "only first / only second | p (McNemar) |")
+        lines += ["", ("Paired tests on the headline, same images: the difference in mean robust "
+                       "accuracy (per-image share of the R runs) with its 95% paired-bootstrap "
+                       "interval and p-value, and McNemar's exact test on the worst case."),
+                  "", header, "|---|---|---|---|---|"]
+        lines += [f"| {item['first']} vs {item['second']} | {paired_cells(item)}"
+                  for item in comparisons]
+        lines += [""] + [f"- Headline, {lead_tests(item)}." for item in comparisons]
+    return [*lines, "", "### Each attack separately", ""]
+
+
 def settings_section(benchmark: dict[str, Any]) -> list[str]:
     settings = benchmark["report"]["settings"]
     minutes = sum(r["seconds"] for r in benchmark["report"]["records"]) / 60
@@ -335,7 +423,7 @@ def benchmark_page(benchmark: dict[str, Any]) -> str:
     notes = [f"- {note}" for note in benchmark.get("notes", [])]
     lines += ["## Setting", "", *settings_section(benchmark), *notes, "",
               *attacks_section(report), "",
-              "## Results", "", *results_section(benchmark), "",
+              "## Results", "", *headline_section(benchmark), *results_section(benchmark), "",
               *paired_section(benchmark),
               "## Targets", "", *targets_section(benchmark), "",
               "## Sanity checks", "", *sanity_section(report, primary(benchmark)), "",

@@ -25,6 +25,22 @@ on a CPU they default to a setting that fits in about an hour, which every repor
 "reduced". Cost: NFE per purification and images/s of one defended forward pass (purify and
 classify, no gradient) on the machine that ran the benchmark.
 
+The headline (purifyguard.evaluation.headline), which the page leads with: after the attacks
+above, per defence and per image the worst adversarial example over a list of attacks of one
+threat model (L-inf eps 0.1), given cheap first, each run only on the images that survive the
+ones before, then re-judged on R fresh purifications (--runs) whose seeds the selection never
+used; with the accuracy within 1 / 3 / 10 submissions. --headline-attacks takes that list as
+attack strings ("kind:key=value,..."; default, cheap first: transfer from the undefended
+classifier, transfer:source=guidance, autoattack-rand at --aa-steps x --eot, the primary
+apgd-eot at --pgd-steps x --eot, and apgd-eot with substitute=smooth); an attack that crafts on
+the guidance network (source=guidance, substitute, init) runs only against the defences that
+have one (ours and its variants) and is left out for the others. Each defence's headline is
+stored in output-dir/headline-<name> (resumable, like the batches) and in benchmark.json under
+"headline" (without the per-image attack names and labels: the per-image correct-run counts
+stay, for paired tests), and ours is compared with every other defence on it
+("headline_paired": paired bootstrap of the per-image robust share, McNemar on "right in all R
+runs"). --no-headline skips it.
+
 Under `accelerate launch --cpu --num_processes N` (or on N GPUs) the batches are split between the
 processes. The run stores each finished batch (output-dir/batches) and skips it when repeated, so an
 interrupted run goes on where it stopped. benchmark.json holds the harness's report plus the
@@ -45,8 +61,8 @@ from accelerate import PartialState
 
 from purifyguard import PurifiedModel, bundled_classifier, bundled_test_images
 from purifyguard.data import load_dataset
-from purifyguard.evaluation import evaluate_models
-from purifyguard.evaluation.attacks import AttackSpec
+from purifyguard.evaluation import evaluate_models, headline
+from purifyguard.evaluation.attacks import AttackSpec, parse_attack
 from purifyguard.files import read_json, write_atomic, write_json
 from purifyguard.option_types import non_negative_float, non_negative_int, positive_int
 from purifyguard.registry import load_purifier
@@ -100,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "primary's budget, when the primary is apgd-eot), autoattack-rand and "
                          "bpda (default: all; e.g. the primary on all n images here, the others "
                          "on fewer images in a second run with its own --output-dir)")
+    headline_group = parser.add_argument_group("headline (what the page leads with)")
+    headline_group.add_argument(
+        "--headline-attacks", nargs="+", metavar="ATTACK", default=None,
+        help="attack strings of one threat model, cheap first, whose per-image worst the "
+        "headline takes (default: transfer, transfer:source=guidance, autoattack-rand, apgd-eot, "
+        "apgd-eot with substitute=smooth, at eps 0.1 and this run's steps and EOT); those that "
+        "need a guidance network run against guided defences only")
+    headline_group.add_argument("--no-headline", action="store_true",
+                                help="skip the headline (the page then shows no headline table)")
     parser.add_argument("--classifier", help="folder of the standard classifier (default: the "
                         "bundled fashion-mnist-resnet18)")
     parser.add_argument("--trades", help="folder of the TRADES classifier (default: the bundled "
@@ -139,6 +164,80 @@ def attack_specs(args: argparse.Namespace) -> list[AttackSpec]:
     }
     chosen = args.attacks or ATTACK_GROUPS
     return [groups[name] for name in ATTACK_GROUPS if name in chosen and groups[name] is not None]
+
+
+def headline_specs(args: argparse.Namespace) -> list[AttackSpec]:
+    """The headline's attacks, cheap first: --headline-attacks, or by default a transfer attack
+    from the undefended classifier, one from the guidance network, AutoAttack-rand, the primary
+    APGD-EOT and APGD-EOT on a smooth substitute, at eps 0.1 and this run's steps and EOT.
+    ValueError for a bad string, repeated names or more than one threat model."""
+    if args.headline_attacks is None:
+        budget = {"eps": EPS, "steps": args.pgd_steps, "eot": args.eot}
+        specs = [
+            AttackSpec("transfer", name="transfer", eps=EPS, steps=args.pgd_steps, eot=1),
+            AttackSpec("transfer", name="transfer-guidance", source="guidance", eps=EPS,
+                       steps=args.pgd_steps, eot=1),
+            AttackSpec("autoattack-rand", name="autoattack-rand", eps=EPS, steps=args.aa_steps,
+                       eot=args.eot),
+            AttackSpec("apgd-eot", name="apgd-eot", **budget),
+            AttackSpec("apgd-eot", name="apgd-eot-smooth", substitute="smooth", **budget),
+        ]
+    else:
+        specs = [parse_attack(text) for text in args.headline_attacks]
+    names = [spec.label for spec in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--headline-attacks: attack names must be unique, got {names} "
+                         "(give name=... to tell two of one kind apart)")
+    threat_models = {(spec.norm, spec.eps) for spec in specs}
+    if len(threat_models) > 1:
+        raise ValueError("--headline-attacks: a headline is for one threat model (one norm and "
+                         f"eps), got {sorted(threat_models)}")
+    return specs
+
+
+def needs_guidance(spec: AttackSpec) -> bool:
+    """Whether the attack crafts on (or starts from) the defence's guidance network."""
+    return (spec.substitute is not None or spec.init is not None
+            or (spec.attack.access == "transfer" and spec.transfer_source == "guidance"))
+
+
+def is_guided(model: torch.nn.Module) -> bool:
+    """Whether the defence's purifier has a guidance network (adversarial guidance)."""
+    from purifyguard.evaluation.exposed_attacks import guidance_of
+
+    try:
+        guidance_of(model, "the headline")
+    except ValueError:
+        return False
+    return True
+
+
+PER_IMAGE_KEPT = ("correct_runs", "clean_correct_runs")  # what benchmark.json keeps per image
+
+
+def run_headlines(args: argparse.Namespace, defences: dict[str, torch.nn.Module],
+                  images: torch.Tensor, labels: torch.Tensor, device: str) -> dict[str, dict]:
+    """headline() per defence into output-dir/headline-<name> (resumed when rerun), each with
+    the attacks it has what for; the results without the bulky per-image lists."""
+    specs = headline_specs(args)
+    results = {}
+    for name, model in defences.items():
+        guided = is_guided(model)
+        chosen = [spec for spec in specs if guided or not needs_guidance(spec)]
+        if not chosen:
+            print(f"headline: leaving out {name}: every headline attack needs a guidance network",
+                  file=sys.stderr)
+            continue
+        folder = Path(args.output_dir) / f"headline-{name}" if args.output_dir else None
+        result = headline(model, (images, labels), chosen, n=args.n, batch_size=args.batch_size,
+                          runs=args.runs, seed=args.seed, output_dir=folder, resume=True,
+                          device=device)
+        result["per_image"] = {key: result["per_image"][key] for key in PER_IMAGE_KEPT}
+        robust = result["robust_accuracy"]
+        print(f"headline {name}: {100 * robust['mean']:.1f}% (worst of {args.runs}: "
+              f"{100 * robust['worst_case']:.1f}%)")
+        results[name] = result
+    return results
 
 
 def build_defences(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
@@ -239,7 +338,7 @@ def run(args: argparse.Namespace) -> dict:
         paired = [compare_stored(args.output_dir, "ours", other, primary,
                                  margin=TARGET_MARGIN_OVER_DIFFPURE / 100)
                   for other in defences if other != "ours"]
-    return {
+    benchmark = {
         "command": "python benchmarks/fashion_mnist.py " + shlex.join(sys.argv[1:]),
         "primary": primary,
         "paired": paired,
@@ -250,10 +349,25 @@ def run(args: argparse.Namespace) -> dict:
         "descriptions": {name: DEFENCES[name] for name in defences},
         "report": report,
     }
+    # headline() runs in one process: under `accelerate launch` the main one computes it
+    if not args.no_headline and PartialState().is_main_process:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from benchmark_page import headline_comparisons
+
+        benchmark["headline"] = run_headlines(args, defences, images, labels, device)
+        benchmark["headline_paired"] = headline_comparisons(benchmark["headline"])
+        benchmark["wall_seconds"] = time.perf_counter() - started
+    return benchmark
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.from_json and not args.no_headline:
+        try:  # a bad attack string is refused before any model loads
+            headline_specs(args)
+        except ValueError as error:
+            parser.error(str(error))
     if args.from_json:
         benchmark = read_json(args.from_json, "benchmark results file")
     else:

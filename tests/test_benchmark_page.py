@@ -8,6 +8,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -174,3 +176,105 @@ def test_no_p_value_on_the_published_page_prints_as_zero() -> None:
     paired_rows = [line for line in published.splitlines() if line.startswith("| ours vs ")]
     assert paired_rows and all(" | 0 |" not in line for line in paired_rows)
     assert "< 0.0001" in published
+
+
+def headline_result(robust: float, clean: float, correct_runs: list[int], per_attack: dict,
+                    runs: int = 5) -> dict:
+    """A headline() result as benchmark.json keeps it (per image: the correct-run counts)."""
+    summary = accuracy(robust, n=len(correct_runs))
+    summary["within_submissions"] = {"1": robust, "3": robust + 0.1, "10": robust + 0.2}
+    n_attacked = sum(per_attack.values())
+    return {
+        "n": len(correct_runs), "runs": runs, "selection_runs": runs, "seed": 0,
+        "batch_size": 50, "threat_model": {"norm": "linf", "eps": 0.1},
+        "attacks": [{"name": name} for name in per_attack],
+        "per_attack": [{"name": name, "attacked": 10, "improved": count, "provided": count,
+                        "seconds": 1.0} for name, count in per_attack.items()],
+        "clean_unattacked": len(correct_runs) - n_attacked,
+        "clean_accuracy": accuracy(clean, n=len(correct_runs)), "robust_accuracy": summary,
+        "per_image": {"correct_runs": correct_runs,
+                      "clean_correct_runs": [runs] * len(correct_runs)},
+        "data_fingerprint": "x",
+    }
+
+
+def with_headline() -> dict:
+    from benchmark_page import headline_comparisons
+
+    benchmark = synthetic_benchmark(ours_robust=0.62, ours_clean=0.90)
+    # 100 images: ours keeps 60 in every run, diffpure 30; undefended none
+    benchmark["headline"] = {
+        "undefended": headline_result(0.0, 0.92, [0] * 100, {"transfer": 8, "apgd-eot": 84}),
+        "diffpure": headline_result(0.30, 0.85, [5] * 30 + [0] * 70,
+                                    {"transfer": 20, "apgd-eot": 40}),
+        "ours": headline_result(0.60, 0.90, [5] * 60 + [0] * 40,
+                                {"transfer": 5, "transfer-guidance": 10, "apgd-eot": 20}),
+    }
+    benchmark["headline_paired"] = headline_comparisons(benchmark["headline"])
+    return benchmark
+
+
+def test_the_headline_leads_the_results_with_its_paired_tests() -> None:
+    benchmark = with_headline()
+    paired = {item["second"]: item for item in benchmark["headline_paired"]}
+    assert set(paired) == {"undefended", "diffpure"}
+    assert paired["diffpure"]["worst_case"]["only_first"] == 30
+    assert abs(paired["diffpure"]["mean"]["difference"] - 0.30) < 1e-9
+    page = benchmark_page(benchmark)
+    results = page.index("## Results")
+    headline = page.index("### Headline: the per-image worst of the attacks")
+    per_attack = page.index("| defence | NFE | images/s |")
+    assert results < headline < per_attack
+    assert "the worst adversarial example over the attacks listed" in page
+    assert "re-judged on R = 5 fresh purifications" in page
+    assert ("| defence | robust % [95% CI] | worst of R % | within 1 % | within 3 % | "
+            "within 10 % | clean % | per-image worst from (images) |") in page
+    assert ("| ours | 60.0 [50.0, 70.0] | 55.0 | 60.0 | 70.0 | 80.0 | 90.0 | transfer 5, "
+            "transfer-guidance 10, apgd-eot 20, clean image 65 |") in page
+    assert "| undefended | 0.0 [-10.0, 10.0] | -5.0 |" in page
+    assert "| ours vs diffpure | +30.0 [" in page and "| 30 / 0 | 1.9e-09 |" in page
+    assert "- Headline, paired against diffpure: mean p < 0.0001 (bootstrap)" in page
+    assert "a lead of ours is significant in both tests" in page
+    assert not P_EQUALS_ZERO.search(page), P_EQUALS_ZERO.search(page)
+
+
+def test_a_json_without_a_headline_renders_as_before() -> None:
+    old = synthetic_benchmark(0.6, 0.9)
+    page = benchmark_page(old)
+    assert "Headline" not in page and "### Each attack separately" not in page
+    assert page.index("## Results\n\n| defence | NFE |") > 0
+    empty = {**synthetic_benchmark(0.6, 0.9), "headline": {}, "headline_paired": []}
+    assert benchmark_page(empty) == page
+
+
+def test_the_benchmark_runs_the_headline_end_to_end(tmp_path: Path) -> None:
+    """A tiny run of two unguided defences: the headline skips the attacks that need a
+    guidance network, is stored per defence, kept by --from-json and leads the page."""
+    output, docs = tmp_path / "run", tmp_path / "page.md"
+    argv = ["--n", "4", "--batch-size", "4", "--runs", "2", "--pgd-steps", "1", "--aa-steps",
+            "1", "--eot", "1", "--defences", "undefended", "trades", "--attacks", "primary",
+            "--primary", "apgd-eot", "--output-dir", str(output), "--docs", str(docs)]
+    benchmark_main(argv)
+    benchmark = json.loads((output / "benchmark.json").read_text())
+    assert set(benchmark["headline"]) == {"undefended", "trades"}
+    for name, result in benchmark["headline"].items():
+        assert (output / f"headline-{name}" / "headline.json").exists()
+        assert [a["name"] for a in result["per_attack"]] == ["transfer", "autoattack-rand",
+                                                             "apgd-eot"]
+        assert set(result["per_image"]) == {"correct_runs", "clean_correct_runs"}
+        assert len(result["per_image"]["correct_runs"]) == 4
+    assert benchmark["headline_paired"] == []  # no ours in this run
+    page = docs.read_text()
+    assert page.index("### Headline") < page.index("| defence | NFE |")
+    rewritten = tmp_path / "again.md"
+    benchmark_main(["--from-json", str(output / "benchmark.json"), "--docs", str(rewritten)])
+    assert rewritten.read_text() == page
+
+
+def test_a_bad_headline_attack_is_refused_before_any_model_loads(capsys) -> None:
+    for bad, message in ((["pgd:eps=0.1", "pgd:eps=0.2,name=b"], "one threat model"),
+                         (["nonsense"], "attack kind must be one of")):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark_main(["--headline-attacks", *bad])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
