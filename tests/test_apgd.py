@@ -9,14 +9,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_evaluation import _fashion, small_cnn
+from test_evaluation import _fashion, small_cnn, structured_batch, tiny_classifier
 from torch import nn
 
 from purifyguard.evaluation import AttackSpec, default_attacks, evaluate, parse_attack
 from purifyguard.evaluation.apgd import apgd_eot, checkpoints, split_budget
 from purifyguard.evaluation.em_weighting import combine_draws, vulnerable_cluster_weights
 from purifyguard.evaluation.losses import attack_loss, cw_margin, dlr_loss
-from purifyguard.evaluation.pgd import EotDraws
+from purifyguard.evaluation.pgd import EotDraws, eot_pgd, project, random_delta
 from purifyguard.evaluation.report import validate_report
 from purifyguard.evaluation.selection import select_candidates
 
@@ -182,3 +182,60 @@ def test_the_first_step_is_half_eps_on_a_randomised_model(noise, first_step):
                            random_start=False, select_draws=0)
     # one step from the clean image; the highest-loss candidate (nothing is fooled) is its end
     assert (adversarial - images).abs().amax().item() == pytest.approx(first_step)
+
+
+class _Spy(nn.Module):
+    """A model that records the inputs of its forward passes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.inputs = model, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return self.model(x)
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 1.0)])
+def test_start_is_the_first_iterate_of_the_first_restart_only(norm, eps):
+    x, y = structured_batch(4)
+    torch.manual_seed(11)
+    start = project(x, x + random_delta(x, eps, norm), eps, norm)
+    model = _Spy(tiny_classifier())
+    apgd_eot(model, x, y, eps=eps, steps=4, restarts=2, norm=norm, select_draws=0,
+             start=start)
+    # two probes of one image, then restart 1's first gradient, its second, restart 2's first
+    assert torch.allclose(model.inputs[2], start, atol=1e-6)
+    assert not torch.allclose(model.inputs[4], start, atol=1e-3)
+    model.inputs.clear()
+    eot_pgd(model, x, y, eps=eps, step_size=eps / 4, steps=2, norm=norm, start=start)
+    assert torch.allclose(model.inputs[0], start, atol=1e-6)
+    with pytest.raises(ValueError, match="start must have the images' shape"):
+        eot_pgd(model, x, y, eps=eps, step_size=eps / 4, steps=1, start=start[:2])
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 1.0)])
+def test_start_none_reproduces_the_random_start_bit_for_bit(norm, eps):
+    """start=None draws the random start as before: the same result as starting at that draw
+    by start= (which draws nothing), the later restarts' draws included."""
+    x, y = structured_batch(4)
+    model = tiny_classifier()
+    for attack, settings in (
+        (apgd_eot, {"steps": 4, "restarts": 2, "select_draws": 0}),
+        (apgd_eot, {"steps": 3, "select_draws": 2}),
+        (eot_pgd, {"steps": 3, "step_size": eps / 4}),
+    ):
+        torch.manual_seed(5)
+        default = attack(model, x, y, eps=eps, norm=norm, **settings)
+        torch.manual_seed(5)
+        explicit = attack(model, x, y, eps=eps, norm=norm, start=None, **settings)
+        torch.manual_seed(5)
+        drawn = project(x, x + random_delta(x, eps, norm), eps, norm)
+        started = attack(model, x, y, eps=eps, norm=norm, start=drawn, **settings)
+        assert torch.equal(default, explicit) and torch.equal(default, started)
+    # without random_start, start=None begins at the clean images, as before
+    torch.manual_seed(5)
+    clean_start = eot_pgd(model, x, y, eps=eps, step_size=eps / 4, steps=2, norm=norm,
+                          random_start=False)
+    assert torch.equal(clean_start, eot_pgd(model, x, y, eps=eps, step_size=eps / 4, steps=2,
+                                            norm=norm, random_start=False, start=x))

@@ -14,7 +14,7 @@ from test_evaluation import structured_batch, tiny_classifier
 
 from purifyguard import PurifiedModel
 from purifyguard.evaluation import evaluate, parse_attack, register_attack, validate_report
-from purifyguard.evaluation.attack_registry import unregister_attack
+from purifyguard.evaluation.attack_registry import registered_attacks, unregister_attack
 from purifyguard.evaluation.attacks import attacked_model, initial_examples, run_attack
 from purifyguard.evaluation.exposed_attacks import GuidanceClassifier, feature_targets
 from purifyguard.evaluation.pgd import eot_pgd, perturbation_norm
@@ -183,18 +183,33 @@ def test_a_defence_without_a_guidance_network_is_refused_by_name(make_purifier):
                 attacked_model(parse_attack(text), model, None)
 
 
-def test_an_attack_that_never_draws_a_start_is_refused_with_init(guided):
+def test_init_on_a_kind_whose_run_takes_no_start_is_refused_by_name(guided):
     @register_attack("still", options=("init",))
     def still(spec, model, images, labels):
         return images.clone()
 
+    @register_attack("moved", options=("init",))
+    def moved(spec, model, images, labels, start=None):
+        return images.clone() if start is None else start.clone()
+
     try:
         x, y = structured_batch(2)
         spec = parse_attack("still:eps=0.1,steps=1,init=feature,init_steps=1")
-        with pytest.raises(RuntimeError, match="could not start from init='feature'"):
-            run_attack(spec, attacked_model(spec, guided, None), x, y, seed=0)
+        attacked = attacked_model(spec, guided, None)
+        with pytest.raises(ValueError, match="init='feature' starts the attack.*takes no start"):
+            run_attack(spec, attacked, x, y, seed=0)
+        # without init it runs as before, and a run that takes start gets the init's examples
+        assert torch.equal(run_attack(spec.replace(init=None, init_steps=None), attacked, x, y,
+                                      seed=0), x)
+        spec = parse_attack("moved:eps=0.1,steps=1,init=feature,init_steps=1")
+        assert torch.equal(run_attack(spec, attacked, x, y, seed=0),
+                           initial_examples(spec, attacked, x, y, seed=0))
+        assert torch.equal(run_attack(spec.replace(init=None, init_steps=None), attacked, x, y,
+                                      seed=0), x)
     finally:
-        unregister_attack("still")
+        for kind in ("still", "moved"):
+            if kind in registered_attacks():
+                unregister_attack(kind)
 
 
 def test_evaluate_runs_the_exposed_attacks_and_records_them(guided):

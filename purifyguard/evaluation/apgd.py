@@ -33,7 +33,8 @@ Within a restart of n iterations (n gradients, n - 1 steps):
   otherwise) for loss "ce+margin"; "ce" or "margin" use one throughout.
 - gradient: the draws' gradients combined by `eot_weighting` (em_weighting.py); with `graft`,
   combined at the purified images and grafted onto one draw's backward pass (grafting.py).
-- every restart but a first without random_start begins at a random point of the ball.
+- every restart but a first without random_start begins at a random point of the ball; with
+  `start`, the first begins there instead (later restarts stay random).
 - restarts: default one per ITERATIONS_PER_RESTART (100) iterations (AutoAttack's APGD-CE then
   APGD-DLR at 200).
 Each restart keeps three candidates per example: the point of highest loss, the point most
@@ -53,7 +54,7 @@ from torch import nn
 from purifyguard.evaluation.em_weighting import combine_draws
 from purifyguard.evaluation.grafting import check_graftable, grafted_draws
 from purifyguard.evaluation.losses import attack_loss
-from purifyguard.evaluation.pgd import ascent, eot_draws, project, random_delta
+from purifyguard.evaluation.pgd import ascent, eot_draws, project, random_delta, starting_point
 from purifyguard.evaluation.selection import select_candidates
 from purifyguard.evaluation.trace import AttackTrace
 
@@ -74,11 +75,14 @@ def apgd_eot(
     eot_weighting: str = "mean", graft: bool = False, random_start: bool = True,
     selection_seed: int = 0, chunk_size: int | None = None,
     on_step: Callable[[], object] | None = None, trace: AttackTrace | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Adversarial images within `eps` of `images` (see the module docstring for the method).
 
     on_step is called after each of the `steps` gradient iterations; trace records the crafting
-    draws' answers at every iteration and where each restart begins.
+    draws' answers at every iteration and where each restart begins. start: adversarial images
+    (within the ball) where the first restart begins instead of its random (or, without
+    random_start, clean) start; later restarts draw random points as always. None: no change.
     """
     if loss not in LOSS_PLANS:
         raise ValueError(f"loss must be one of {LOSS_PLANS}, got {loss!r}")
@@ -89,17 +93,20 @@ def apgd_eot(
     if graft:
         check_graftable(model)
     clean = images.detach()
+    first = None if start is None else starting_point(clean, start, eps, norm)
     n_classes, randomised = _probe(model, clean[:1])
     candidates, crafting_wrong = [], []
     for restart, iterations in enumerate(split_budget(steps, restarts)):
         name = loss if loss != "ce+margin" else ("ce" if restart % 2 == 0 else "margin")
-        start = clean
-        if restart > 0 or random_start:
-            start = project(clean, clean + random_delta(clean, eps, norm), eps, norm)
+        begin = clean
+        if restart == 0 and first is not None:
+            begin = first
+        elif restart > 0 or random_start:
+            begin = project(clean, clean + random_delta(clean, eps, norm), eps, norm)
         if trace is not None:
             trace.start_restart()
         found = _restart(
-            model, clean, start, labels, attack_loss(name, n_classes), iterations=iterations,
+            model, clean, begin, labels, attack_loss(name, n_classes), iterations=iterations,
             eps=eps, eot=eot, norm=norm, momentum=momentum,
             initial_step=(initial_step if initial_step is not None
                           else RANDOMISED_INITIAL_STEP * eps if randomised else 2 * eps),

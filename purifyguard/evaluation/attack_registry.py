@@ -19,7 +19,7 @@ and apgd-eot and pgd take init=transfer-guidance|feature (start from that attack
 A kind of your own, by one decorated function (or an Attack subclass, with run as a method):
 
     @register_attack("fgsm", default_step=1.0)
-    def fgsm(spec, model, images, labels):  # may also take seed=, on_step=, trace=
+    def fgsm(spec, model, images, labels):  # may also take seed=, on_step=, trace=, start=
         images = images.clone().requires_grad_(True)
         loss = torch.nn.functional.cross_entropy(model(images), labels)
         return images + spec.alpha * torch.autograd.grad(loss, images)[0].sign()
@@ -75,7 +75,7 @@ OPTIONS = ("n_queries", "restarts", "loss", "momentum", "select_draws", "eot_wei
 # The record keys of kind-specific settings (Attack.own_settings), None for the other kinds.
 APGD_KEYS = ("restarts", "loss", "momentum", "select_draws", "eot_weighting", "graft",
              "step_schedule")
-_CONTEXT = ("seed", "on_step", "trace")
+_CONTEXT = ("seed", "on_step", "trace", "start")
 _KIND = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
@@ -95,8 +95,7 @@ class Attack:
     stepped: run() calls on_step after each of the spec's steps (per-iteration progress).
     options: the fields of OPTIONS that apply (n_queries for square, the APGD settings,
         substitute for the white-box kinds that differentiate a smooth stand-in on request,
-        source for transfer, init for the kinds whose run() starts where eot_pgd / apgd_eot
-        draw their random start...).
+        source for transfer, init for the kinds whose run() takes start= and begins there...).
     reference_steps / reference_eot / reference_queries: the protocol's reference; a spec below
         one of them is reported as reduced (steps None: not compared; eot only when uses_eot;
         queries only when n_queries is an option).
@@ -130,14 +129,30 @@ class Attack:
 
     def run(self, spec: AttackSpec, model: nn.Module, images: torch.Tensor,
             labels: torch.Tensor, *, seed: int, on_step: Callable[[], object] | None,
-            trace: AttackTrace | None) -> torch.Tensor:
+            trace: AttackTrace | None, start: torch.Tensor | None = None) -> torch.Tensor:
         """Adversarial images from `model` (already the attacked variant, see `access`); `seed`
-        was set with torch.manual_seed. The default calls the registered function."""
+        was set with torch.manual_seed. start (spec.init only; run_attack passes it only then):
+        adversarial images within the ball to begin at instead of a random point. The default
+        calls the registered function (start only when given: see takes_start)."""
         if self.function is None:
             raise NotImplementedError(f"attack kind {self.kind!r} has no run method or function")
-        context = {"seed": seed, "on_step": on_step, "trace": trace}
+        if start is not None and "start" not in self._accepts:
+            raise ValueError(_no_start(self))
+        context = {"seed": seed, "on_step": on_step, "trace": trace, "start": start}
         return self.function(spec, model, images, labels,
-                             **{key: context[key] for key in self._accepts})
+                             **{key: context[key] for key in self._accepts
+                                if key != "start" or start is not None})
+
+    def takes_start(self) -> bool:
+        """Whether run accepts start= (the registered function's or the subclass's run
+        signature), which init needs."""
+        if self.function is not None:
+            return "start" in self._accepts
+        try:
+            parameters = inspect.signature(self.run).parameters.values()
+        except (TypeError, ValueError):
+            return False
+        return any(p.name == "start" or p.kind is p.VAR_KEYWORD for p in parameters)
 
     def validate(self, spec: AttackSpec) -> None:
         """Raise a ValueError for settings this kind cannot run (after the common checks)."""
@@ -178,9 +193,10 @@ _T = TypeVar("_T")
 
 def register_attack(kind: str, **properties: Any) -> Callable[[_T], _T]:
     """Decorator: registers a function run(spec, model, images, labels[, seed=, on_step=,
-    trace=]) -> adversarial images, or an Attack subclass, as the attack kind `kind`, which
-    parse_attack, AttackSpec and evaluate then accept. `properties` set Attack's attributes
-    (default_step=1.0, uses_eot=False, ...). A kind already registered is a ValueError."""
+    trace=, start=]) -> adversarial images, or an Attack subclass, as the attack kind `kind`,
+    which parse_attack, AttackSpec and evaluate then accept. `properties` set Attack's
+    attributes (default_step=1.0, uses_eot=False, ...). A kind already registered is a
+    ValueError."""
     _check_kind(kind)
 
     def register(target: _T) -> _T:
@@ -278,8 +294,14 @@ def _check_attack(attack: Attack) -> None:
         raise ValueError(f"attack kind {attack.kind!r}: {error}") from None
 
 
+def _no_start(attack: Attack) -> str:
+    return (f"init starts the attack from another attack's examples, passed to its run as "
+            f"start=, but the run of attack kind {attack.kind!r} takes no start argument; give "
+            f"it a keyword start (None: its usual start) or leave init unset")
+
+
 def _context_taken(function: Callable[..., Any]) -> tuple[str, ...]:
-    """Which of seed, on_step and trace the function takes as keywords; it must take four
+    """Which of seed, on_step, trace and start the function takes as keywords; it must take four
     positional arguments (spec, model, images, labels)."""
     try:
         signature = inspect.signature(function)
@@ -329,13 +351,14 @@ class APGDEOT(Attack):
             },
         }
 
-    def run(self, spec, model, images, labels, *, seed, on_step, trace):
+    def run(self, spec, model, images, labels, *, seed, on_step, trace, start=None):
         return apgd_eot(
             model, images, labels, eps=spec.eps, steps=spec.steps, eot=spec.eot, norm=spec.norm,
             restarts=spec.n_restarts, loss=spec.loss, momentum=spec.momentum,
             initial_step=spec.step_size, select_draws=spec.select_draws,
             eot_weighting=spec.eot_weighting, graft=spec.graft, random_start=spec.random_start,
             selection_seed=derive_seed(seed, "selection"), on_step=on_step, trace=trace,
+            start=start,
         )
 
 
@@ -344,11 +367,11 @@ class _EOTPGD(Attack):
 
     stepped = True
 
-    def run(self, spec, model, images, labels, *, seed, on_step, trace):
+    def run(self, spec, model, images, labels, *, seed, on_step, trace, start=None):
         return eot_pgd(
             model, images, labels, eps=spec.eps, step_size=spec.alpha, steps=spec.steps,
             eot=spec.eot, norm=spec.norm, random_start=spec.random_start, on_step=on_step,
-            trace=trace,
+            trace=trace, start=start,
         )
 
 

@@ -34,7 +34,6 @@ from purifyguard.evaluation.exposed_attacks import (
     SOURCES,
     GuidanceClassifier,
     guidance_of,
-    starting_from,
 )
 from purifyguard.evaluation.pgd import NORMS
 from purifyguard.evaluation.seeds import derive_seed
@@ -486,23 +485,23 @@ def run_attack(
     trace: filled with their crafting draws' answers per iteration (convergence curve).
     A SmoothSubstituteModel first measures its forward distance on the batch (its own noise,
     from `seed`; model.record() holds it). With spec.init, the init attack runs first on the
-    guidance network of `model` (its own seed, derived from `seed`), and the attack starts
-    from its examples instead of a random point (exposed_attacks.starting_from)."""
+    guidance network of `model` (its own seed, derived from `seed`), and the attack's run gets
+    its examples as start= (where it begins instead of a random point; a ValueError naming
+    init when the kind's run takes no start)."""
     if isinstance(model, SmoothSubstituteModel):
         model.measure(images, derive_seed(seed, "substitute distance"))
     if spec.init is None:
         torch.manual_seed(seed)
         return spec.attack.run(spec, model, images, labels, seed=seed, on_step=on_step,
                                trace=trace)
+    if not spec.attack.takes_start():
+        raise ValueError(f"attack {spec.label!r}: init={spec.init!r} starts the attack from the "
+                         f"{spec.init} attack's examples, passed to its run as start=, but the "
+                         f"run of attack kind {spec.kind!r} takes no start argument")
     start = initial_examples(spec, model, images, labels, seed)
     torch.manual_seed(seed)
-    with starting_from(start) as taken:
-        adversarial = spec.attack.run(spec.replace(random_start=True), model, images, labels,
-                                      seed=seed, on_step=on_step, trace=trace)
-    if not taken[0]:
-        raise RuntimeError(f"attack {spec.label!r} ({spec.kind}) never drew a random start from "
-                           f"eot_pgd / apgd_eot, so it could not start from init={spec.init!r}")
-    return adversarial
+    return spec.attack.run(spec, model, images, labels, seed=seed, on_step=on_step,
+                           trace=trace, start=start)
 
 
 def initial_examples(spec: AttackSpec, model: nn.Module, images: torch.Tensor,

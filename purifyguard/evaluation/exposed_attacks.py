@@ -10,21 +10,18 @@ gradient through the purifier at all (access "transfer"):
 - feature: PGD on its representation (feature_pgd): the features f_phi that the guidance
   compares, pulled toward the nearest other class's centroid.
 - init=transfer-guidance | feature (apgd-eot and pgd): the full-gradient attack starts from the
-  cheap attack's examples instead of a random point (starting_from).
+  cheap attack's examples instead of a random point (attacks.run_attack passes them to the
+  attack's run as start=, which eot_pgd and apgd_eot take).
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import purifyguard.evaluation.apgd as _apgd
-import purifyguard.evaluation.pgd as _pgd
 from purifyguard.evaluation.pgd import NORMS, ascent, project, random_delta
 from purifyguard.evaluation.smooth_substitute import SmoothSubstituteModel
 from purifyguard.guidance.adversarial import AdversarialGuidance
@@ -148,32 +145,3 @@ def feature_pgd(
     best[better] = adversarial[better]
     return best
 
-
-_START_LOCK = threading.Lock()
-
-
-@contextmanager
-def starting_from(start: torch.Tensor) -> Iterator[list[bool]]:
-    """While open, the first random start that eot_pgd or apgd_eot draws on this thread (their
-    random_delta, for a batch of start's shape) is `start - clean` instead: the attack (its
-    first restart) begins at `start`, which must lie in its ball; later restarts draw random
-    points as usual. Yields [taken]: True once the start was used (check it after the attack).
-    One thread at a time; other threads' draws are the ordinary ones."""
-    taken, owner = [False], threading.get_ident()
-    original = _pgd.random_delta
-
-    def first_at_start(images: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-        if not taken[0] and threading.get_ident() == owner and images.shape == start.shape:
-            taken[0] = True
-            return start.to(images) - images
-        return original(images, eps, norm)
-
-    with _START_LOCK:
-        saved = {module: module.random_delta for module in (_pgd, _apgd)}
-        try:
-            for module in saved:
-                module.random_delta = first_at_start
-            yield taken
-        finally:
-            for module, function in saved.items():
-                module.random_delta = function

@@ -25,16 +25,20 @@ def eot_pgd(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float, step_size: float,
     steps: int, eot: int = 1, norm: str = "linf", random_start: bool = True,
     chunk_size: int | None = None, on_step: Callable[[], object] | None = None,
-    trace: AttackTrace | None = None,
+    trace: AttackTrace | None = None, start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Adversarial images within `eps` of `images` (norm "linf" or "l2") that raise the loss.
     chunk_size: see eot_gradient. on_step: called after every iteration (progress).
-    trace: records which crafting draws classify each iterate correctly (convergence curve)."""
+    trace: records which crafting draws classify each iterate correctly (convergence curve).
+    start: adversarial images (within the ball) to begin at instead of the random start (or,
+    without random_start, the clean images); None: those, drawn as always."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     clean = images.detach()
     adversarial = clean.clone()
-    if random_start:
+    if start is not None:
+        adversarial = starting_point(clean, start, eps, norm)
+    elif random_start:
         adversarial = project(clean, clean + random_delta(clean, eps, norm), eps, norm)
     for _ in range(steps):
         draws = eot_draws(model, adversarial, labels, eot, chunk_size)
@@ -118,6 +122,17 @@ def random_delta(images: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     direction = torch.randn_like(images)
     radius = torch.rand(images.shape[0], 1, 1, 1, device=images.device, dtype=images.dtype)
     return direction / (_per_example_l2(direction) + _TINY) * radius * eps
+
+
+def starting_point(clean: torch.Tensor, start: torch.Tensor, eps: float, norm: str
+                   ) -> torch.Tensor:
+    """`start` (adversarial images of clean's shape) as an attack's first iterate: projected
+    onto the ball as a random start is, so a point already inside it stays where it is (up to
+    rounding). A ValueError when the shapes differ. Draws no random numbers."""
+    if start.shape != clean.shape:
+        raise ValueError(f"start must have the images' shape {tuple(clean.shape)}, got "
+                         f"{tuple(start.shape)}")
+    return project(clean, clean + (start.detach().to(clean) - clean), eps, norm)
 
 
 def project(clean: torch.Tensor, candidate: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
