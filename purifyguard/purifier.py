@@ -103,12 +103,9 @@ class Purifier(PurifierHubMixin, nn.Module):
         backend = compile_options.get("backend", "inductor")
         known = _compile_backends()
         if isinstance(backend, str) and known is not None and backend not in known:
-            self._compiled.pop("denoiser", None)
-            warnings.warn(
-                f"compile_denoiser: backend={backend!r} is not a torch.compile backend of this "
-                f"torch {torch.__version__} (torch._dynamo.list_backends(): {sorted(known)}); "
-                "using the eager denoiser", RuntimeWarning, stacklevel=2)
-            return self
+            return self._eager_denoiser(
+                f"backend={backend!r} is not a torch.compile backend of this torch "
+                f"{torch.__version__} (torch._dynamo.list_backends(): {sorted(known)})")
         if not isinstance(backend, str) and not callable(backend):
             raise ValueError(f"compile_denoiser: backend must be a backend name or a callable, "
                              f"got {backend!r}")
@@ -118,13 +115,17 @@ class Purifier(PurifierHubMixin, nn.Module):
             raise ValueError(f"compile_denoiser: torch.compile refuses the options "
                              f"{compile_options}: {error}") from None
         except Exception as error:  # noqa: BLE001 (as a failure at the first call: fall back)
-            self._compiled.pop("denoiser", None)
-            warnings.warn(
-                f"compile_denoiser: torch.compile(**{compile_options}) fails "
-                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                "using the eager denoiser", RuntimeWarning, stacklevel=2)
-            return self
+            return self._eager_denoiser(
+                f"torch.compile(**{compile_options}) fails ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''})")
         self._compiled["denoiser"] = compiled
+        return self
+
+    def _eager_denoiser(self, reason: str) -> Purifier:
+        """compile_denoiser's fallback: warn why, and keep (or go back to) the eager denoiser."""
+        self._compiled.pop("denoiser", None)
+        warnings.warn(f"compile_denoiser: {reason}; using the eager denoiser", RuntimeWarning,
+                      stacklevel=3)
         return self
 
     def current_config(self) -> PurifierConfig:
