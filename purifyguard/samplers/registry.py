@@ -9,6 +9,7 @@ then runs it (docs/architecture.md).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -18,27 +19,27 @@ if TYPE_CHECKING:
     from purifyguard.schedule import NoiseSchedule
 
 
-class Sampler:
+class Sampler(ABC):
     """One reverse process. `uses_n_steps`: whether the config's n_steps sets how many steps it
     visits (DDIM) or it visits every step below t* (DDPM)."""
 
     name: str = ""
     uses_n_steps: bool = False
 
+    @abstractmethod
     def indices(self, t_star: int, n_steps: int) -> list[tuple[int, int]]:
         """(index, prev) pairs from t* - 1 down to clean data (prev = -1)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def step(
         self, schedule: NoiseSchedule, x_t: torch.Tensor, eps_hat: torch.Tensor, index: int,
         prev: int, eta: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of x_prev given x_t and the denoiser's eps_hat."""
-        raise NotImplementedError
 
+    @abstractmethod
     def stochastic(self, eta: float) -> bool:
         """Whether the step adds noise (std > 0) at this eta."""
-        raise NotImplementedError
 
     def n_evaluations(self, t_star: int, n_steps: int) -> int:
         """Denoiser evaluations of one purification."""
