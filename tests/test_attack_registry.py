@@ -196,3 +196,12 @@ def test_an_attack_that_leaves_its_ball_is_refused_not_counted():
                                          "ball of eps 0.1"):
         purifyguard.evaluate(tiny_classifier(), structured_batch(4), ["overshoot:eps=0.1,steps=1"],
                              n=4, runs=1, progress=False)
+
+
+def test_an_attack_class_without_run_is_refused_when_registered():
+    class Nothing(Attack):
+        """Crafts nothing."""
+
+    with pytest.raises(ValueError, match="'nothing': it crafts nothing: decorate a function"):
+        register_attack("nothing")(Nothing)
+    assert "nothing" not in registered_attacks()

@@ -134,8 +134,8 @@ class Attack:
         was set with torch.manual_seed. start (spec.init only; run_attack passes it only then):
         adversarial images within the ball to begin at instead of a random point. The default
         calls the registered function (start only when given: see takes_start)."""
-        if self.function is None:
-            raise NotImplementedError(f"attack kind {self.kind!r} has no run method or function")
+        if self.function is None:  # register_attack refuses such a kind; a direct call lands here
+            raise ValueError(f"attack kind {self.kind!r} has no run method or function")
         if start is not None and "start" not in self._accepts:
             raise ValueError(_no_start(self))
         context = {"seed": seed, "on_step": on_step, "trace": trace, "start": start}
@@ -276,6 +276,8 @@ def _check_kind(kind: Any) -> None:
 
 def _check_attack(attack: Attack) -> None:
     try:
+        if attack.function is None and type(attack).run is Attack.run:
+            raise ValueError("it crafts nothing: decorate a function, or override Attack.run")
         check_number("default_step", attack.default_step, positive=True)
         check_int("min_steps", attack.min_steps, 0)
         for name in ("uses_eot", "always_random_start", "stepped"):
