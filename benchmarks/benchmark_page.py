@@ -356,6 +356,24 @@ def paired_section(benchmark: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def attack_paired_section(benchmark: dict[str, Any]) -> list[str]:
+    """Each other attack against the primary on ours, on the same images: whether an attack
+    we did not design around (AutoAttack-rand, the EM-weighted APGD) finds more."""
+    comparisons = benchmark.get("attack_paired", [])
+    if not comparisons:
+        return []
+    intro = (f"Ours under each other attack against {primary(benchmark)}, on the same images: a "
+             "negative difference means the other attack left less robust accuracy (found "
+             "more); McNemar's exact test on the worst case counts the images only one of the "
+             "two attacks leaves right in every run.")
+    header = ("| attacks | mean difference, points [95% CI] | p (bootstrap) | worst case: only "
+              "first / only second | p (McNemar) |")
+    lines = ["### Attacks against the primary", "", intro, "", header, "|---|---|---|---|---|"]
+    for item in comparisons:
+        lines.append(f"| {item['first']} vs {item['second']} | {paired_cells(item)}")
+    return [*lines, ""]
+
+
 def paired_cells(item: dict[str, Any]) -> str:
     """A paired comparison's table cells: mean difference in points [95% CI], its bootstrap p,
     the worst case's discordant images and McNemar's p."""
@@ -424,7 +442,7 @@ def benchmark_page(benchmark: dict[str, Any]) -> str:
     lines += ["## Setting", "", *settings_section(benchmark), *notes, "",
               *attacks_section(report), "",
               "## Results", "", *headline_section(benchmark), *results_section(benchmark), "",
-              *paired_section(benchmark),
+              *paired_section(benchmark), *attack_paired_section(benchmark),
               "## Targets", "", *targets_section(benchmark), "",
               "## Sanity checks", "", *sanity_section(report, primary(benchmark)), "",
               *figures_section(benchmark), FOOTER, ""]

@@ -7,7 +7,9 @@
 One factor at a time around the purifier's own settings (a full grid costs the product of the
 lists): every value of --t-star with the other settings as saved, then every value of --steps,
 and so on. --base moves the centre: `--base t_star=200,steps=5` starts every setting from those
-values instead of the saved ones (a second round around the first round's winners). Each
+values instead of the saved ones (a second round around the first round's winners). A baseline
+is tuned the same way from its own centre: `--base guidance=none --t-star 100,200,400` chooses
+DiffPure-style's t*, `--base guidance=pixel,scale=1 --scale 0.25,0.5,2,4` GDMP-style's scale. Each
 setting is one defence (the classifier behind the purifier with that change), all evaluated by purifyguard's harness on the same images, attack, R purifications and seed.
 The images are --n of the --validation-size held-out training images (class-stratified, the
 split every training routine holds out with the same --validation-seed), so the settings are not
@@ -39,6 +41,7 @@ FACTORS = {  # option: (PurifierConfig field, how a value is read)
     "guidance_on": ("guidance_on", str),
     "distance": ("distance", str),
     "class_weight": ("class_weight", float),
+    "guidance": ("guidance", str),
 }
 KIND_NAMES = {int: "integers", float: "numbers", str: "names"}
 BASE = "as-saved"

@@ -16,8 +16,10 @@ of DDIM steps); on request (--defences) ours at 5 DDIM steps and ours in front o
 classifier. --classifier,
 --trades and --purifier take other folders (new components before they are bundled).
 Attacks, L-inf eps 0.1: the primary with full gradients (--primary: PGD-EOT, or APGD-EOT with
-PGD-EOT at the same budget beside it), AutoAttack-rand and BPDA+EOT. Ours is compared with every
-other defence on the same images under the primary (purifyguard.evaluation.paired: a paired
+PGD-EOT at the same budget beside it), APGD-EOT with EM-weighted draws (DiffHammer) at the
+primary's budget, AutoAttack-rand and BPDA+EOT; each other attack is compared with the primary
+on ours (paired, "attack_paired": a negative difference means it found more). Ours is
+compared with every other defence on the same images under the primary (purifyguard.evaluation.paired: a paired
 bootstrap of the mean, McNemar on the worst case, and the one-sided margin test of the mean
 against the 5-point target, stored as "margin_test"), and the page shows those tests.
 On a GPU their defaults are the protocol's reference (200 steps x EOT 20; APGD 100 x EOT 20);
@@ -31,8 +33,9 @@ threat model (L-inf eps 0.1), given cheap first, each run only on the images tha
 ones before, then re-judged on R fresh purifications (--runs) whose seeds the selection never
 used; with the accuracy within 1 / 3 / 10 submissions. --headline-attacks takes that list as
 attack strings ("kind:key=value,..."; default, cheap first: transfer from the undefended
-classifier, transfer:source=guidance, autoattack-rand at --aa-steps x --eot, the primary
-apgd-eot at --pgd-steps x --eot, and apgd-eot with substitute=smooth); an attack that crafts on
+classifier, transfer:source=guidance, feature (the guidance network's features pushed toward
+another class), autoattack-rand at --aa-steps x --eot, the primary apgd-eot at --pgd-steps x
+--eot, and apgd-eot with substitute=smooth); an attack that crafts on
 the guidance network (source=guidance, substitute, init) runs only against the defences that
 have one (ours and its variants) and is left out for the others. Each defence's headline is
 stored in output-dir/headline-<name> (resumable, like the batches) and in benchmark.json under
@@ -87,7 +90,7 @@ CPU_DEFAULT = [name for name in DEFENCES
                                "ours-class-term")]
 PRIMARY_ATTACKS = {"apgd-eot": "apgd-eot", "pgd": "pgd-eot"}  # --primary: kind -> record name
 EPS = 0.1
-ATTACK_GROUPS = ("primary", "pgd-beside", "autoattack-rand", "bpda")
+ATTACK_GROUPS = ("primary", "pgd-beside", "apgd-em", "autoattack-rand", "bpda")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,14 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     attacks.add_argument("--attacks", nargs="+", choices=ATTACK_GROUPS, default=None,
                          metavar="ATTACK",
                          help="run only these of primary, pgd-beside (plain PGD-EOT at the "
-                         "primary's budget, when the primary is apgd-eot), autoattack-rand and "
-                         "bpda (default: all; e.g. the primary on all n images here, the others "
+                         "primary's budget, when the primary is apgd-eot), apgd-em (APGD-EOT "
+                         "with DiffHammer-style EM weighting of the draws, same budget), "
+                         "autoattack-rand and bpda (default: all; e.g. the primary on all n images here, the others "
                          "on fewer images in a second run with its own --output-dir)")
     headline_group = parser.add_argument_group("headline (what the page leads with)")
     headline_group.add_argument(
         "--headline-attacks", nargs="+", metavar="ATTACK", default=None,
         help="attack strings of one threat model, cheap first, whose per-image worst the "
-        "headline takes (default: transfer, transfer:source=guidance, autoattack-rand, apgd-eot, "
+        "headline takes (default: transfer, transfer:source=guidance, feature, autoattack-rand, "
+        "apgd-eot, "
         "apgd-eot with substitute=smooth, at eps 0.1 and this run's steps and EOT); those that "
         "need a guidance network run against guided defences only")
     headline_group.add_argument("--no-headline", action="store_true",
@@ -133,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="registered name, folder or Hub id of ours")
     parser.add_argument("--pixel-scale", type=non_negative_float, default=1.0,
                         help="guidance scale of the GDMP-style (pixel) defence")
+    parser.add_argument("--diffpure-t-star", type=positive_int, default=None,
+                        help="t* of the DiffPure-style defence (default: ours' t*)")
     parser.add_argument("--adapted", default=None,
                         help="registered name, folder or Hub id of the adapted purifier (the "
                         "ours-adapted row; left out without it)")
@@ -158,6 +165,8 @@ def attack_specs(args: argparse.Namespace) -> list[AttackSpec]:
     groups = {
         "primary": apgd if args.primary == "apgd-eot" else pgd,
         "pgd-beside": pgd if args.primary == "apgd-eot" else None,
+        "apgd-em": AttackSpec("apgd-eot", name="apgd-em-eot", eps=EPS, steps=args.pgd_steps,
+                              eot=args.eot, eot_weighting="em"),
         "autoattack-rand": AttackSpec("autoattack-rand", name="autoattack-rand", eps=EPS,
                                       steps=args.aa_steps, eot=args.eot),
         "bpda": AttackSpec("bpda", name="bpda-eot", eps=EPS, steps=args.bpda_steps, eot=args.eot),
@@ -168,8 +177,8 @@ def attack_specs(args: argparse.Namespace) -> list[AttackSpec]:
 
 def headline_specs(args: argparse.Namespace) -> list[AttackSpec]:
     """The headline's attacks, cheap first: --headline-attacks, or by default a transfer attack
-    from the undefended classifier, one from the guidance network, AutoAttack-rand, the primary
-    APGD-EOT and APGD-EOT on a smooth substitute, at eps 0.1 and this run's steps and EOT.
+    from the undefended classifier, one from the guidance network, the guidance network's
+    feature attack, AutoAttack-rand, the primary APGD-EOT and APGD-EOT on a smooth substitute, at eps 0.1 and this run's steps and EOT.
     ValueError for a bad string, repeated names or more than one threat model."""
     if args.headline_attacks is None:
         budget = {"eps": EPS, "steps": args.pgd_steps, "eot": args.eot}
@@ -177,6 +186,7 @@ def headline_specs(args: argparse.Namespace) -> list[AttackSpec]:
             AttackSpec("transfer", name="transfer", eps=EPS, steps=args.pgd_steps, eot=1),
             AttackSpec("transfer", name="transfer-guidance", source="guidance", eps=EPS,
                        steps=args.pgd_steps, eot=1),
+            AttackSpec("feature", name="feature-guidance", eps=EPS, steps=args.pgd_steps, eot=1),
             AttackSpec("autoattack-rand", name="autoattack-rand", eps=EPS, steps=args.aa_steps,
                        eot=args.eot),
             AttackSpec("apgd-eot", name="apgd-eot", **budget),
@@ -240,6 +250,20 @@ def run_headlines(args: argparse.Namespace, defences: dict[str, torch.nn.Module]
     return results
 
 
+def attacks_against_primary(output_dir: str, primary: str,
+                            specs: list[AttackSpec]) -> list[dict]:
+    """Each other attack against the primary on ours, on the same images
+    (paired.compare_attacks_stored: a negative mean difference means the other attack left less
+    robust accuracy); none when the primary did not run."""
+    from purifyguard.evaluation.paired import compare_attacks_stored
+
+    names = [spec.label for spec in specs]
+    if primary not in names:
+        return []
+    return [compare_attacks_stored(output_dir, "ours", other, primary)
+            for other in names if other != primary]
+
+
 def build_defences(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     from purifyguard.guidance_network_format import load_guidance_network
 
@@ -249,7 +273,8 @@ def build_defences(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
               else load_guidance_network(Path(args.trades)))
     ours = load_purifier(args.purifier).with_settings(checkpointing=args.checkpointing)
     purifiers = {
-        "diffpure": lambda: ours.with_settings(guidance="none"),
+        "diffpure": lambda: ours.with_settings(guidance="none",
+                                               t_star=args.diffpure_t_star or ours.config.t_star),
         "gdmp": lambda: ours.with_settings(guidance="pixel", guidance_scale=args.pixel_scale),
         "ours": lambda: ours,
         "ours-adapted": lambda: load_purifier(args.adapted).with_settings(
@@ -338,10 +363,14 @@ def run(args: argparse.Namespace) -> dict:
         paired = [compare_stored(args.output_dir, "ours", other, primary,
                                  margin=TARGET_MARGIN_OVER_DIFFPURE / 100)
                   for other in defences if other != "ours"]
+    attack_paired = []
+    if args.output_dir and "ours" in defences:
+        attack_paired = attacks_against_primary(args.output_dir, primary, attack_specs(args))
     benchmark = {
         "command": "python benchmarks/fashion_mnist.py " + shlex.join(sys.argv[1:]),
         "primary": primary,
         "paired": paired,
+        "attack_paired": attack_paired,
         "hardware": hardware(),
         "date": time.strftime("%Y-%m-%d"),
         "wall_seconds": time.perf_counter() - started,

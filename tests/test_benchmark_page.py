@@ -14,6 +14,7 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmark_page import benchmark_page, step_size_text
+from fashion_mnist import attack_specs, build_parser, headline_specs, needs_guidance
 from fashion_mnist import main as benchmark_main
 
 PUBLISHED_JSON = ROOT / "benchmarks" / "results" / "fashion_mnist.json"
@@ -278,3 +279,40 @@ def test_a_bad_headline_attack_is_refused_before_any_model_loads(capsys) -> None
             benchmark_main(["--headline-attacks", *bad])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_the_other_attacks_are_compared_with_the_primary_on_ours() -> None:
+    benchmark = synthetic_benchmark(ours_robust=0.62, ours_clean=0.90)
+    benchmark["attack_paired"] = [{
+        "model": "ours", "first": "apgd-em-eot", "second": "apgd-eot", "n": 100,
+        "mean": {"difference": -0.03, "ci95": [-0.06, 0.0], "p_value": 0.06, "samples": 10000},
+        "worst_case": {"only_first": 2, "only_second": 7, "p_value": 0.18},
+    }]
+    page = benchmark_page(benchmark)
+    assert "### Attacks against the primary" in page
+    assert "| apgd-em-eot vs apgd-eot | -3.0 [-6.0, +0.0] | 0.06 | 2 / 7 | 0.18 |" in page
+    assert "### Attacks against the primary" not in benchmark_page(synthetic_benchmark(0.6, 0.9))
+
+
+def test_the_default_attacks_include_em_weighting_and_the_guidance_feature_attack() -> None:
+    args = build_parser().parse_args(["--primary", "apgd-eot", "--pgd-steps", "3", "--eot", "2"])
+    specs = {spec.label: spec for spec in attack_specs(args)}
+    assert list(specs) == ["apgd-eot", "pgd-eot", "apgd-em-eot", "autoattack-rand", "bpda-eot"]
+    assert specs["apgd-em-eot"].eot_weighting == "em"
+    assert (specs["apgd-em-eot"].steps, specs["apgd-em-eot"].eot) == (3, 2)
+    headline = {spec.label: spec for spec in headline_specs(args)}
+    assert "feature-guidance" in headline and needs_guidance(headline["feature-guidance"])
+    assert not needs_guidance(headline["autoattack-rand"])
+
+
+@pytest.mark.slow
+def test_ours_under_the_em_attack_is_paired_with_the_primary(tmp_path: Path) -> None:
+    output, docs = tmp_path / "run", tmp_path / "page.md"
+    benchmark_main(["--n", "2", "--batch-size", "2", "--runs", "1", "--pgd-steps", "1",
+                    "--eot", "1", "--defences", "ours", "--attacks", "primary", "apgd-em",
+                    "--primary", "apgd-eot", "--no-headline", "--diffpure-t-star", "200",
+                    "--output-dir", str(output), "--docs", str(docs), "--threads", "1"])
+    benchmark = json.loads((output / "benchmark.json").read_text())
+    [item] = benchmark["attack_paired"]
+    assert (item["first"], item["second"], item["n"]) == ("apgd-em-eot", "apgd-eot", 2)
+    assert "| apgd-em-eot vs apgd-eot |" in docs.read_text()

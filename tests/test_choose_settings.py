@@ -44,6 +44,22 @@ def test_base_moves_the_centre_of_the_sweep():
     ]
 
 
+def test_a_baseline_is_tuned_from_its_own_centre():
+    args = choose_settings.build_parser().parse_args(
+        ["--base", "guidance=pixel,scale=1", "--scale", "0.5,2"])
+    assert choose_settings.sweep(args) == [
+        ("base", "guidance=pixel,scale=1", {"guidance": "pixel", "guidance_scale": 1.0}),
+        ("scale", "0.5", {"guidance": "pixel", "guidance_scale": 0.5}),
+        ("scale", "2", {"guidance": "pixel", "guidance_scale": 2.0}),
+    ]
+
+
+def test_an_unknown_guidance_names_its_option():
+    args = choose_settings.build_parser().parse_args(["--guidance", "magic", "--quick"])
+    with pytest.raises(SystemExit, match="--guidance magic"):
+        choose_settings.build_defences(args, choose_settings.sweep(args))
+
+
 @pytest.mark.parametrize("base, message", [
     ("tstar=200", "--base: expected option=value with option one of t_star, steps"),
     ("steps", "--base: expected option=value"),
