@@ -9,7 +9,10 @@ lists): every value of --t-star with the other settings as saved, then every val
 and so on. --base moves the centre: `--base t_star=200,steps=5` starts every setting from those
 values instead of the saved ones (a second round around the first round's winners). A baseline
 is tuned the same way from its own centre: `--base guidance=none --t-star 100,200,400` chooses
-DiffPure-style's t*, `--base guidance=pixel,scale=1 --scale 0.25,0.5,2,4` GDMP-style's scale. Each
+DiffPure-style's t*, `--base guidance=pixel,scale=1 --scale 0.25,0.5,2,4` GDMP-style's scale.
+--samples and --aggregate sweep the defended model's own arguments (PurifiedModel's n_samples
+and aggregate): `--base aggregate=vote --samples 4` is a deployed vote over 4 purifications
+against one (the attack's EOT draws each run all of them). Each
 setting is one defence (the classifier behind the purifier with that change), all evaluated by purifyguard's harness on the same images, attack, R purifications and seed.
 The images are --n of the --validation-size held-out training images (class-stratified, the
 split every training routine holds out with the same --validation-seed), so the settings are not
@@ -43,6 +46,10 @@ FACTORS = {  # option: (PurifierConfig field, how a value is read)
     "class_weight": ("class_weight", float),
     "guidance": ("guidance", str),
 }
+# PurifiedModel's own arguments, swept like the purifier's settings: purifications per answer
+# and how they combine (the deployed vote of the plug-in defence issue)
+MODEL_FACTORS = {"samples": ("n_samples", int), "aggregate": ("aggregate", str)}
+FACTORS.update(MODEL_FACTORS)
 KIND_NAMES = {int: "integers", float: "numbers", str: "names"}
 BASE = "as-saved"
 
@@ -111,10 +118,11 @@ def sweep(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def best_setting(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The row with the highest mean robust accuracy; ties go to fewer sampler steps (cheaper),
-    then to the higher clean accuracy."""
+    """The row with the highest mean robust accuracy; ties go to the fewer denoiser calls
+    (sampler steps times purifications per answer), then to the higher clean accuracy."""
     return max(rows, key=lambda row: (row["robust_accuracy"],
-                                      -row["settings"]["n_steps"],
+                                      -row["settings"]["n_steps"]
+                                      * row["settings"].get("n_samples", 1),
                                       row["clean_accuracy"]))
 
 
@@ -133,13 +141,24 @@ def build_defences(args, settings) -> dict[str, torch.nn.Module]:
     classifier = (bundled_classifier() if args.classifier is None
                   else load_guidance_network(Path(args.classifier)))
     purifier = load_purifier(args.purifier)
+    model_fields = {field for field, _ in MODEL_FACTORS.values()}
     defences = {}
     for factor, raw, change in settings:
+        model_change = {key: value for key, value in change.items() if key in model_fields}
+        purifier_change = {key: value for key, value in change.items() if key not in model_fields}
         try:
-            defences[f"{factor}={raw}"] = PurifiedModel(classifier, purifier.with_settings(**change))
+            defences[f"{factor}={raw}"] = PurifiedModel(
+                classifier, purifier.with_settings(**purifier_change), **model_change)
         except ValueError as error:
             raise SystemExit(f"--{factor.replace('_', '-')} {raw}: {error}") from None
     return defences
+
+
+def setting_values(model: torch.nn.Module) -> dict[str, Any]:
+    """Every swept field's value in one defence: the purifier's settings and the model's own."""
+    config = model.purifier.current_config()
+    return {field: getattr(model if (field, kind) in MODEL_FACTORS.values() else config, field)
+            for field, kind in FACTORS.values()}
 
 
 def summarise(report: dict[str, Any], settings, defences) -> list[dict[str, Any]]:
@@ -151,8 +170,7 @@ def summarise(report: dict[str, Any], settings, defences) -> list[dict[str, Any]
         record = records[f"{factor}={raw}"]
         rows.append({
             "factor": factor, "value": raw, "change": change,
-            "settings": {field: getattr(defences[f"{factor}={raw}"].purifier.current_config(),
-                                        field) for field, _ in FACTORS.values()},
+            "settings": setting_values(defences[f"{factor}={raw}"]),
             "clean_accuracy": record["clean_accuracy"]["mean"],
             "robust_accuracy": record["robust_accuracy"]["mean"],
             "robust_worst_case": record["robust_accuracy"]["worst_case"],

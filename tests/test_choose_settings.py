@@ -54,6 +54,23 @@ def test_a_baseline_is_tuned_from_its_own_centre():
     ]
 
 
+def test_the_defended_models_own_arguments_are_swept_too():
+    args = choose_settings.build_parser().parse_args(
+        ["--base", "aggregate=vote", "--samples", "4", "--quick"])
+    settings = choose_settings.sweep(args)
+    assert settings == [("base", "aggregate=vote", {"aggregate": "vote"}),
+                        ("samples", "4", {"aggregate": "vote", "n_samples": 4})]
+    defences = choose_settings.build_defences(args, settings)
+    vote = defences["samples=4"]
+    assert (vote.n_samples, vote.aggregate) == (4, "vote")
+    values = choose_settings.setting_values(vote)
+    assert (values["n_samples"], values["aggregate"], values["t_star"]) == (4, "vote", 300)
+    # a tie in robust accuracy goes to the fewer denoiser calls: 1 purification, not 4
+    rows = [{"settings": choose_settings.setting_values(model), "robust_accuracy": 0.7,
+             "clean_accuracy": 0.8, "factor": name} for name, model in defences.items()]
+    assert choose_settings.best_setting(rows)["factor"] == "base=aggregate=vote"
+
+
 def test_an_unknown_guidance_names_its_option():
     args = choose_settings.build_parser().parse_args(["--guidance", "magic", "--quick"])
     with pytest.raises(SystemExit, match="--guidance magic"):
