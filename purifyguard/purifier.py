@@ -87,6 +87,18 @@ class Purifier(PurifierHubMixin, nn.Module):
         purifier._compiled = self._compiled
         return purifier
 
+    def with_guidance_network(self, guidance_network: nn.Module, **changes: Any) -> Purifier:
+        """A purifier sharing this one's denoiser and settings, guided by another network (a
+        guidance network you trained yourself, e.g. a smoother TRADES network); `changes` as in
+        with_settings (a new network usually wants its own guidance_scale)."""
+        if not isinstance(guidance_network, nn.Module):
+            raise ValueError(f"guidance_network must be an nn.Module, got "
+                             f"{type(guidance_network).__name__}")
+        settings = self.current_config().replace(**changes)
+        purifier = Purifier(self.unet, self.schedule.scheduler_config, guidance_network, settings)
+        purifier._compiled = self._compiled
+        return purifier
+
     def compile_denoiser(self, **compile_options: Any) -> Purifier:
         """Run the denoiser through torch.compile where no double backward is needed (opt-in).
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from conftest import make_guidance_network
 from purifyguard.config import GUIDANCE_MODES, SAMPLERS
 
 # Scales that move the sample visibly with these tiny networks: pixel guidance with the
@@ -255,3 +256,15 @@ def test_adversarial_guidance_keeps_the_latent_representation_closer_to_the_inpu
     distance = feature_distance(adversarial.purify(images, seed=0))
     assert (distance < baseline).all(), (distance, baseline)
     assert distance.mean() < 0.5 * baseline.mean(), (distance, baseline)
+
+
+def test_another_guidance_network_keeps_the_denoiser_and_the_settings(make_purifier, images):
+    purifier = guided(make_purifier, "adversarial", sampler="ddim", n_steps=3)
+    other_network = make_guidance_network(seed=7)
+    swapped = purifier.with_guidance_network(other_network, guidance_scale=10.0)
+    assert swapped.unet is purifier.unet and swapped.guidance_network is other_network
+    assert swapped.config.replace(guidance_scale=20.0) == purifier.config
+    assert swapped.config.guidance_scale == 10.0
+    assert not torch.equal(swapped.purify(images, seed=0), purifier.purify(images, seed=0))
+    with pytest.raises(ValueError, match="guidance_network must be an nn.Module, got str"):
+        purifier.with_guidance_network("resnet18")
