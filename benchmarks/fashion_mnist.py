@@ -58,6 +58,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -176,24 +177,36 @@ def attack_specs(args: argparse.Namespace) -> list[AttackSpec]:
 
 
 def headline_specs(args: argparse.Namespace) -> list[AttackSpec]:
-    """The headline's attacks, cheap first: --headline-attacks, or by default a transfer attack
-    from the undefended classifier, one from the guidance network, the guidance network's
-    feature attack, AutoAttack-rand, the primary APGD-EOT and APGD-EOT on a smooth substitute, at eps 0.1 and this run's steps and EOT.
-    ValueError for a bad string, repeated names or more than one threat model."""
-    if args.headline_attacks is None:
-        budget = {"eps": EPS, "steps": args.pgd_steps, "eot": args.eot}
-        specs = [
-            AttackSpec("transfer", name="transfer", eps=EPS, steps=args.pgd_steps, eot=1),
-            AttackSpec("transfer", name="transfer-guidance", source="guidance", eps=EPS,
-                       steps=args.pgd_steps, eot=1),
-            AttackSpec("feature", name="feature-guidance", eps=EPS, steps=args.pgd_steps, eot=1),
-            AttackSpec("autoattack-rand", name="autoattack-rand", eps=EPS, steps=args.aa_steps,
-                       eot=args.eot),
-            AttackSpec("apgd-eot", name="apgd-eot", **budget),
-            AttackSpec("apgd-eot", name="apgd-eot-smooth", substitute="smooth", **budget),
-        ]
-    else:
-        specs = [parse_attack(text) for text in args.headline_attacks]
+    """The headline's attacks: --headline-attacks, or by default default_headline_attacks at eps
+    0.1 and this run's steps and EOT. ValueError for a bad string, repeated names or more than
+    one threat model."""
+    defaults = default_headline_attacks(args.pgd_steps, args.aa_steps, args.eot, eps=EPS)
+    return checked_headline_attacks(args.headline_attacks, defaults)
+
+
+def default_headline_attacks(steps: int, aa_steps: int, eot: int,
+                             **threat: Any) -> list[AttackSpec]:
+    """The default headline, cheap first: a transfer attack from the undefended classifier, one
+    from the guidance network, the guidance network's feature attack, AutoAttack-rand
+    (aa_steps), the primary APGD-EOT and APGD-EOT on a smooth substitute (steps); `threat`
+    (norm, eps, checkpointing) is shared by all."""
+    budget = {"steps": steps, "eot": eot, **threat}
+    return [
+        AttackSpec("transfer", name="transfer", **{**budget, "eot": 1}),
+        AttackSpec("transfer", name="transfer-guidance", source="guidance",
+                   **{**budget, "eot": 1}),
+        AttackSpec("feature", name="feature-guidance", **{**budget, "eot": 1}),
+        AttackSpec("autoattack-rand", name="autoattack-rand", **{**budget, "steps": aa_steps}),
+        AttackSpec("apgd-eot", name="apgd-eot", **budget),
+        AttackSpec("apgd-eot", name="apgd-eot-smooth", substitute="smooth", **budget),
+    ]
+
+
+def checked_headline_attacks(given: list[str] | None,
+                             defaults: list[AttackSpec]) -> list[AttackSpec]:
+    """The attack strings of --headline-attacks parsed (the defaults when none are given), with
+    unique names and one threat model (ValueError naming --headline-attacks otherwise)."""
+    specs = defaults if given is None else [parse_headline_attack(text) for text in given]
     names = [spec.label for spec in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"--headline-attacks: attack names must be unique, got {names} "
@@ -203,6 +216,14 @@ def headline_specs(args: argparse.Namespace) -> list[AttackSpec]:
         raise ValueError("--headline-attacks: a headline is for one threat model (one norm and "
                          f"eps), got {sorted(threat_models)}")
     return specs
+
+
+def parse_headline_attack(text: str) -> AttackSpec:
+    """One attack string of --headline-attacks (ValueError naming the option and the string)."""
+    try:
+        return parse_attack(text)
+    except ValueError as error:
+        raise ValueError(f"--headline-attacks {text!r}: {error}") from None
 
 
 def needs_guidance(spec: AttackSpec) -> bool:
@@ -226,10 +247,11 @@ PER_IMAGE_KEPT = ("correct_runs", "clean_correct_runs")  # what benchmark.json k
 
 
 def run_headlines(args: argparse.Namespace, defences: dict[str, torch.nn.Module],
-                  images: torch.Tensor, labels: torch.Tensor, device: str) -> dict[str, dict]:
-    """headline() per defence into output-dir/headline-<name> (resumed when rerun), each with
-    the attacks it has what for; the results without the bulky per-image lists."""
-    specs = headline_specs(args)
+                  images: torch.Tensor, labels: torch.Tensor, device: str,
+                  specs: list[AttackSpec], progress: bool = True) -> dict[str, dict]:
+    """headline() of `specs` per defence into output-dir/headline-<name> (resumed when rerun),
+    each with the attacks it has what for (args: n, batch_size, runs, seed, output_dir); the
+    results without the bulky per-image lists."""
     results = {}
     for name, model in defences.items():
         guided = is_guided(model)
@@ -239,9 +261,9 @@ def run_headlines(args: argparse.Namespace, defences: dict[str, torch.nn.Module]
                   file=sys.stderr)
             continue
         folder = Path(args.output_dir) / f"headline-{name}" if args.output_dir else None
-        result = headline(model, (images, labels), chosen, n=args.n, batch_size=args.batch_size,
-                          runs=args.runs, seed=args.seed, output_dir=folder, resume=True,
-                          device=device)
+        result = headline(model, (images, labels), chosen, n=min(args.n, len(labels)),
+                          batch_size=args.batch_size, runs=args.runs, seed=args.seed,
+                          output_dir=folder, resume=True, progress=progress, device=device)
         result["per_image"] = {key: result["per_image"][key] for key in PER_IMAGE_KEPT}
         robust = result["robust_accuracy"]
         print(f"headline {name}: {100 * robust['mean']:.1f}% (worst of {args.runs}: "
@@ -323,6 +345,21 @@ def images_per_second(model: torch.nn.Module, images: torch.Tensor, repeats: int
     return repeats * len(images) / (time.perf_counter() - start)
 
 
+def measure_costs(defences: dict[str, torch.nn.Module], images: torch.Tensor, device: str,
+                  repeats: int = 2) -> dict[str, dict[str, float]]:
+    """Per defence (moved to `device`, in eval mode): NFE per purification and images/s of one
+    defended forward pass over `images`."""
+    costs = {}
+    for name, model in defences.items():
+        model.to(device).eval()
+        costs[name] = {
+            "nfe": 0 if model.purifier is None else model.purifier.config.nfe,
+            "images_per_s": images_per_second(model, images.to(device), repeats=repeats),
+        }
+        print(f"{name}: NFE {costs[name]['nfe']}, {costs[name]['images_per_s']:.2f} images/s")
+    return costs
+
+
 def hardware() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}"
@@ -336,15 +373,7 @@ def run(args: argparse.Namespace) -> dict:
     images, labels = test_images(args)
     defences = build_defences(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    costs = {}
-    for name, model in defences.items():
-        model.to(device).eval()
-        purifier = model.purifier
-        costs[name] = {
-            "nfe": 0 if purifier is None else purifier.config.nfe,
-            "images_per_s": images_per_second(model, images[:args.batch_size].to(device)),
-        }
-        print(f"{name}: NFE {costs[name]['nfe']}, {costs[name]['images_per_s']:.2f} images/s")
+    costs = measure_costs(defences, images[:args.batch_size], device)
     started = time.perf_counter()
     report = evaluate_models(
         defences, (images, labels), attack_specs(args), n=args.n, batch_size=args.batch_size,
@@ -383,7 +412,8 @@ def run(args: argparse.Namespace) -> dict:
         sys.path.insert(0, str(Path(__file__).parent))
         from benchmark_page import headline_comparisons
 
-        benchmark["headline"] = run_headlines(args, defences, images, labels, device)
+        benchmark["headline"] = run_headlines(args, defences, images, labels, device,
+                                              headline_specs(args))
         benchmark["headline_paired"] = headline_comparisons(benchmark["headline"])
         benchmark["wall_seconds"] = time.perf_counter() - started
     return benchmark

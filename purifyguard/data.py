@@ -6,7 +6,9 @@ PURIFYGUARD_FASHION_MNIST variable. Online, torchvision downloads it.
 
 CIFAR-10 is read from torchvision's python version (`root/cifar-10-batches-py`, or that folder
 itself) or from a tree of its ten class folders (`root/{train,test}/<class>/*`, or
-`root/<class>/*`), such as a JPEG copy; `cifar10_label` names the copy a result was measured on.
+`root/<class>/*`), such as a JPEG copy; `cifar10_label` names the copy a result was measured on,
+and `cifar10_training_split` reads the training split only from a copy that keeps it apart from
+the test split.
 """
 
 from __future__ import annotations
@@ -219,6 +221,23 @@ def cifar10_image_tree(root: str | Path, train: bool = True) -> Dataset:
     dataset.imgs = dataset.samples
     dataset.targets = [label for _, label in dataset.samples]
     return dataset
+
+
+def cifar10_training_split(root: str | Path | None, download: bool = True) -> Dataset:
+    """CIFAR-10's training split, from a copy that keeps it apart from the test split:
+    torchvision's files (data_batch_1..5, never test_batch) or a tree with root/train/<class>/.
+    A single tree of class folders (root/<class>/, which load_dataset reads for either split)
+    is refused with a ValueError: whatever is chosen on it could be chosen on test images."""
+    if root is not None:
+        folder = _class_tree(Path(root), train=True)
+        if folder is not None and folder != Path(root) / "train":
+            raise ValueError(
+                f"{root} holds one tree of CIFAR-10's class folders with no train/ and test/ "
+                "split, so its training images cannot be told from its test images; point "
+                "root at a folder holding train/<class>/ (and test/<class>/), or at "
+                "torchvision's cifar-10-batches-py"
+            )
+    return load_dataset("cifar10", root, train=True, download=download)
 
 
 def cifar10_label(root: str | Path | None, train: bool = False) -> str:

@@ -22,7 +22,14 @@ from torch import nn
 from purifyguard import PurifiedModel, load_purifier
 from purifyguard import cifar10 as recipes
 from purifyguard.cifar10 import DENOISER, RECIPES, load_cifar10_purifier
-from purifyguard.data import CIFAR10_CLASSES, cifar10_label, load_dataset
+from purifyguard.data import (
+    CIFAR10_CLASSES,
+    cifar10_label,
+    cifar10_training_split,
+    load_dataset,
+    validation_split,
+)
+from purifyguard.evaluation.example_selection import fingerprint, select_examples
 from purifyguard.registry import default_purifier_name, registered
 
 ROOT = Path(__file__).parent.parent
@@ -191,12 +198,16 @@ def test_load_cifar10_purifier_checks_its_arguments(arguments, message):
 # --- CIFAR-10 folders ----------------------------------------------------------------------------
 
 
-def class_tree(root: Path, per_class: int = 2, suffix: str = ".png") -> Path:
+def class_tree(root: Path, per_class: int = 2, suffix: str = ".png", split: str = "test",
+               blue: int = 0) -> Path:
+    """CIFAR-10's ten class folders under root/<split>/ (root itself for split ""), images
+    coloured by class and index; `blue` tells the images of two splits apart."""
     for label, name in enumerate(CIFAR10_CLASSES):
-        folder = root / "test" / name
+        folder = root / split / name
         folder.mkdir(parents=True)
         for i in range(per_class):
-            Image.new("RGB", (32, 32), (label * 25, i * 100, 0)).save(folder / f"{i:04d}{suffix}")
+            Image.new("RGB", (32, 32), (label * 25, i * 100 % 256, blue)).save(
+                folder / f"{i:04d}{suffix}")
     return root
 
 
@@ -219,6 +230,17 @@ def test_a_tree_with_other_classes_is_refused(tmp_path):
     (root / "test" / "zebra").mkdir()
     with pytest.raises(ValueError, match="exactly CIFAR-10's ten class folders"):
         load_dataset("cifar10", root, train=False, download=False)
+
+
+def test_the_training_split_is_read_only_from_a_copy_that_keeps_it_apart(tmp_path):
+    split = class_tree(class_tree(tmp_path / "split"), per_class=3, split="train", blue=200)
+    training = cifar10_training_split(split, download=False)
+    assert len(training) == 30 and all(training[i][0][2].mean() > 0.7 for i in range(30))
+
+    flat = class_tree(tmp_path / "flat", split="")
+    for root in (flat, split / "test"):  # either split's folder alone cannot say which it is
+        with pytest.raises(ValueError, match="no train/ and test/ split"):
+            cifar10_training_split(root, download=False)
 
 
 def cifar10_jpeg(tmp_path: Path) -> Path:
@@ -255,22 +277,76 @@ def benchmark_module():
     return sys.modules[name]
 
 
-def test_the_tiny_benchmark_runs_every_defence_and_writes_its_page_where_asked(tmp_path, capsys):
+def test_the_tiny_benchmark_follows_the_protocol_and_writes_its_page_where_asked(tmp_path,
+                                                                                  capsys):
+    """apgd-eot primary with pgd-eot beside it, R as set, the headline leading the page, and
+    ours at the scale the held-out sweep chose."""
     benchmark = benchmark_module()
     page = tmp_path / "page.md"
-    benchmark.main(["--tiny", "--n", "2", "--guidance-scale", "100", "3200",
+    benchmark.main(["--tiny", "--n", "2", "--runs", "3", "--guidance-scale", "100", "3200",
                     "--output-dir", str(tmp_path / "run"), "--docs", str(page)])
 
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "run" / "benchmark.json").read_text())
-    models = {record["model"] for record in results["report"]["records"]}
-    assert models == {"undefended", "trades", "diffpure", "gdmp", "ours-s100", "ours-s3200"}
-    assert {r["attack"]["name"] for r in results["report"]["records"]} == {
-        "pgd-eot", "autoattack-rand", "bpda-eot"}
+    records = results["report"]["records"]
+    assert {record["model"] for record in records} == {
+        "undefended", "trades", "diffpure", "gdmp", "ours"}
+    assert [r["attack"]["name"] for r in records if r["model"] == "ours"] == [
+        "apgd-eot", "pgd-eot", "autoattack-rand", "bpda-eot"]
+    assert results["primary"] == "apgd-eot" and results["report"]["settings"]["runs"] == 3
     assert results["budget"] == "tiny" and results["data"] == "random-images"
+
+    sweep = results["scale_sweep"]
+    assert [row["scale"] for row in sweep["rows"]] == [100, 3200]
+    assert sweep["attack"]["name"] == "apgd-eot" and sweep["runs"] == 3
+    assert sweep["data_fingerprint"] != results["report"]["settings"]["data_fingerprint"]
+    assert (tmp_path / "run" / "scale-sweep" / "sweep.json").exists()
+    chosen = sweep["chosen"]
+    assert results["guidance_scale"] == {"value": chosen, "source": "sweep"}
+    assert results["settings"]["guidance_scale"] == chosen
+    assert results["descriptions"]["ours"].startswith(
+        f"adversarial guidance in the TRADES network's features (cifar10-agdm), scale {chosen:g}")
+
+    assert set(results["headline"]) == set(results["costs"])
+    assert {result["runs"] for result in results["headline"].values()} == {3}
+    assert [item["second"] for item in results["headline_paired"]] == [
+        "undefended", "trades", "diffpure", "gdmp"]
     text = page.read_text()
-    assert "Tiny check run" in text and "| ours-s3200 |" in text
-    assert "# CIFAR-10 benchmark" in printed
+    assert "Tiny check run" in text and "# CIFAR-10 benchmark" in printed
+    assert "R = 3 purifications per verdict" in text and "the primary attack apgd-eot" in text
+    assert (text.index("## Results") < text.index("### Headline")
+            < text.index("| defence | NFE |") < text.index("## Guidance scale, chosen on held-out"))
+    assert f"Guidance scale of ours: **{chosen:g}**, the most robust in the sweep" in text
+    assert f"| {chosen:g} |" in text and "| chosen |" in text
+
+    rewritten = tmp_path / "again.md"
+    benchmark.main(["--from-json", str(tmp_path / "run" / "benchmark.json"),
+                    "--docs", str(rewritten)])
+    assert rewritten.read_text() == text
+
+
+def test_the_scale_sweep_reads_held_out_training_images_never_test_images(tmp_path):
+    root = class_tree(class_tree(tmp_path / "tree"), per_class=3, split="train", blue=200)
+    benchmark = benchmark_module()
+    benchmark.main(["--tiny", "--n", "2", "--data-root", str(root), "--defences", "ours",
+                    "--guidance-scale", "100", "3200", "--sweep-n", "3", "--validation-size",
+                    "12", "--validation-seed", "1", "--no-headline",
+                    "--output-dir", str(tmp_path / "run")])
+
+    results = json.loads((tmp_path / "run" / "benchmark.json").read_text())
+    sweep = results["scale_sweep"]
+    held_out = validation_split(load_dataset("cifar10", root, train=True), 12, seed=1)[1]
+    images, labels = select_examples(held_out, 3, seed=0)
+    assert (images[:, 2] > 0.7).all()  # blue: training images; the test images have none
+    assert sweep["data_fingerprint"] == fingerprint(images, labels)
+    assert sweep["held_out"] == {"size": 12, "seed": 1} and sweep["split"] == "train"
+    test = load_dataset("cifar10", root, train=False)
+    test_images = torch.stack([test[i][0] for i in range(2)])
+    assert (test_images[:, 2] == 0).all()
+    assert results["report"]["settings"]["data_fingerprint"] == fingerprint(
+        test_images, torch.tensor([test[i][1] for i in range(2)]))
+    assert "held out from the training split of cifar10-imagefolder" in benchmark.cifar10_page(
+        results)
 
 
 def test_the_tiny_benchmark_on_the_cifar10_jpeg_copy_names_it(tmp_path):
@@ -289,6 +365,15 @@ def test_the_tiny_benchmark_on_the_cifar10_jpeg_copy_names_it(tmp_path):
     (["--tiny", "--n", "0"], "--n must be an integer >= 1, got 0"),
     (["--data-root", ".", "--runs", "3"], "--runs must be >= 5"),
     (["--data-root", "no/such/folder"], "--data-root must be an existing folder"),
+    (["--tiny", "--guidance-scale", "100", "100"], "--guidance-scale must list distinct scales"),
+    (["--tiny", "--guidance-scale", "100", "200", "--defences", "undefended"],
+     "--defences undefended leaves ours out"),
+    (["--tiny", "--sweep-n", "0"], "--sweep-n must be an integer >= 1, got 0"),
+    (["--tiny", "--validation-size", "0"], "--validation-size must be an integer >= 1, got 0"),
+    (["--tiny", "--validation-seed", "-1"], "--validation-seed must be an integer >= 0, got -1"),
+    (["--tiny", "--headline-attacks", "apgd-eot:eps=0.1"],
+     "--headline-attacks must attack this run's threat model (--norm linf, eps 0.0313725)"),
+    (["--tiny", "--headline-attacks", "nonsense"], "--headline-attacks 'nonsense': attack kind"),
 ])
 def test_the_benchmark_checks_its_options(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -296,9 +381,34 @@ def test_the_benchmark_checks_its_options(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_the_sweep_refuses_a_copy_without_a_training_split_and_too_large_a_hold_out(
+        tmp_path, capsys):
+    flat = class_tree(tmp_path / "flat", split="")
+    split = class_tree(class_tree(tmp_path / "split"), split="train")
+    for root, extra, message in ((flat, [], "no train/ and test/ split"),
+                                 (split, ["--validation-size", "999"],
+                                  "--validation-size: validation size must lie in [1, 19]")):
+        with pytest.raises(SystemExit):
+            benchmark_module().main(["--tiny", "--data-root", str(root), "--guidance-scale",
+                                     "100", "200", *extra])
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("scales", "source", "sweeps"), [
+    ([], "recipe", False), (["800"], "given", False), (["800", "1600"], "sweep", True)])
+def test_only_several_guidance_scales_are_swept(scales, source, sweeps):
+    benchmark = benchmark_module()
+    argv = ["--tiny"] + (["--guidance-scale", *scales] if scales else [])
+    args = benchmark.resolve(benchmark.build_parser().parse_args(argv))
+    assert args.scale_source == source and benchmark.sweeping(args) == sweeps
+    assert args.guidance_scale == ([float(s) for s in scales] or [RECIPES["cifar10-agdm"]
+                                                                  .guidance_scale])
+
+
 def test_budgets_follow_the_protocol():
     budgets = benchmark_module().BUDGETS
     assert (budgets["reference"].n, budgets["reference"].steps, budgets["reference"].eot) == (
         512, 200, 20)
     assert (budgets["reduced"].n, budgets["reduced"].steps, budgets["reduced"].eot) == (128, 20, 4)
-    assert budgets["reference"].runs >= 5 and budgets["reduced"].runs >= 5
+    assert budgets["reference"].runs == budgets["reduced"].runs == 10
+    assert budgets["reference"].sweep_n == budgets["reduced"].sweep_n == 128
