@@ -2,7 +2,8 @@
 an ensemble of diverse parameter-free attacks"), for randomised defences, at a fixed budget.
 
 Budget: `steps` gradient iterations per example in all, shared between the restarts; each
-iteration is `eot` forward + backward passes (one per crafting draw), so the attack spends
+iteration is `eot` forward + backward passes (one per crafting draw; one on a deterministic
+model, whose draws would all agree), so the attack spends
 steps x eot gradient evaluations per example, as PGD-EOT with the same steps and eot does. On
 top come `select_draws` forward passes for each of its 3 x restarts candidates (selection.py).
 
@@ -54,7 +55,8 @@ from torch import nn
 from purifyguard.evaluation.em_weighting import combine_draws
 from purifyguard.evaluation.grafting import check_graftable, grafted_draws
 from purifyguard.evaluation.losses import attack_loss
-from purifyguard.evaluation.pgd import ascent, eot_draws, project, random_delta, starting_point
+from purifyguard.evaluation.pgd import (ascent, eot_draws, probe_model, project, random_delta,
+                                        starting_point)
 from purifyguard.evaluation.selection import select_candidates
 from purifyguard.evaluation.trace import AttackTrace
 
@@ -94,7 +96,7 @@ def apgd_eot(
         check_graftable(model)
     clean = images.detach()
     first = None if start is None else starting_point(clean, start, eps, norm)
-    n_classes, randomised = _probe(model, clean[:1])
+    n_classes, randomised = probe_model(model, clean[:1])
     candidates, crafting_wrong = [], []
     for restart, iterations in enumerate(split_budget(steps, restarts)):
         name = loss if loss != "ce+margin" else ("ce" if restart % 2 == 0 else "margin")
@@ -107,7 +109,7 @@ def apgd_eot(
             trace.start_restart()
         found = _restart(
             model, clean, begin, labels, attack_loss(name, n_classes), iterations=iterations,
-            eps=eps, eot=eot, norm=norm, momentum=momentum,
+            eps=eps, eot=eot if randomised else 1, norm=norm, momentum=momentum,
             initial_step=(initial_step if initial_step is not None
                           else RANDOMISED_INITIAL_STEP * eps if randomised else 2 * eps),
             eot_weighting=eot_weighting, graft=graft, jump_to_best=not randomised,
@@ -226,10 +228,3 @@ def _restart(
             since_check = 0
     return [best_x, worst_x, x], [best_loss_wrong, most_wrong, wrong]
 
-
-@torch.no_grad()
-def _probe(model: nn.Module, image: torch.Tensor) -> tuple[int, bool]:
-    """The number of classes, and whether two passes over the same image disagree (a
-    randomised defence): two forward passes of one image per batch."""
-    first, second = model(image), model(image)
-    return int(first.shape[-1]), not torch.equal(first, second)

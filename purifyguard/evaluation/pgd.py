@@ -2,7 +2,9 @@
 
 Each iteration averages the loss gradient over `eot` independent forward passes of a randomised
 model, steps along its sign (L-inf) or its normalised direction (L2), and projects back onto the
-eps-ball around the clean image and onto [0, 1]. torchattacks' EOTPGD covers L-inf only; this one
+eps-ball around the clean image and onto [0, 1]. A deterministic model (two passes over one image
+agree) gets one draw per iteration whatever `eot` says: the others would repeat its gradient.
+torchattacks' EOTPGD covers L-inf only; this one
 file serves both norms with the same arithmetic.
 """
 
@@ -40,6 +42,8 @@ def eot_pgd(
         adversarial = starting_point(clean, start, eps, norm)
     elif random_start:
         adversarial = project(clean, clean + random_delta(clean, eps, norm), eps, norm)
+    if eot > 1 and not probe_model(model, clean[:1])[1]:
+        eot = 1  # a deterministic model: every draw would give the same gradient
     for _ in range(steps):
         draws = eot_draws(model, adversarial, labels, eot, chunk_size)
         if trace is not None:
@@ -49,6 +53,15 @@ def eot_pgd(
         if on_step is not None:
             on_step()
     return adversarial
+
+
+@torch.no_grad()
+def probe_model(model: nn.Module, image: torch.Tensor) -> tuple[int, bool]:
+    """The number of classes, and whether two passes over the same image disagree (a
+    randomised defence): two forward passes of one image. On a deterministic model EOT draws
+    all give the same gradient, so the attacks take one."""
+    first, second = model(image), model(image)
+    return int(first.shape[-1]), not torch.equal(first, second)
 
 
 @dataclass
