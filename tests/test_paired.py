@@ -178,6 +178,22 @@ def test_two_stored_defences_are_compared_image_by_image(tmp_path):
         compare_stored(tmp_path, "reads", "absent", "pgd")
 
 
+def test_two_defences_evaluated_in_two_folders_are_paired_only_on_the_same_images(tmp_path):
+    labels = torch.arange(40) % 10
+    images = ((labels.float() + 0.5) / 10).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()
+    for name, model, n in (("a", ReadsTheLabel(), 40), ("b", AlwaysZero(), 40),
+                           ("c", AlwaysZero(), 32)):
+        evaluate_models({name: model}, (images, labels), ["pgd:eps=0.001,steps=1,eot=1"], n=n,
+                        batch_size=16, runs=2, output_dir=tmp_path / name, progress=False)
+    result = compare_stored(tmp_path / "a", "a", "b", "pgd", second_dir=tmp_path / "b")
+    assert result["worst_case"]["only_first"] == 36
+    assert result["mean"]["difference"] == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="differ in data_fingerprint, n"):
+        compare_stored(tmp_path / "a", "a", "c", "pgd", second_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="no run.json"):
+        compare_stored(tmp_path / "a", "a", "b", "pgd", second_dir=tmp_path)
+
+
 def test_two_attacks_on_one_stored_defence_are_compared_image_by_image(tmp_path):
     labels = torch.arange(40) % 10
     images = ((labels.float() + 0.5) / 10).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()

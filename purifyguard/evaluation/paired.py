@@ -171,15 +171,35 @@ def correct_table(output_dir: str | Path, model: str, attack: str) -> tuple[torc
 
 def compare_stored(
     output_dir: str | Path, first: str, second: str, attack: str, samples: int = 10_000,
-    seed: int = 0, margin: float | None = None,
+    seed: int = 0, margin: float | None = None, second_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Paired comparison of two defences evaluated in one folder on the same images and attack:
     mean accuracy (paired bootstrap) and worst case (McNemar); with a margin (0.05: 5 points),
-    also "margin_test", paired_margin_test() of the mean accuracy against it ("greater")."""
+    also "margin_test", paired_margin_test() of the mean accuracy against it ("greater").
+    second_dir: the second defence's folder, when two runs evaluated them apart; their run.json
+    must agree on the images (data fingerprint, n) and the seed, or a ValueError says which."""
+    if second_dir is not None:
+        _check_same_run(output_dir, second_dir)
     result = _compare_tables(correct_table(output_dir, first, attack),
-                             correct_table(output_dir, second, attack), samples, seed,
-                             f"{first!r} and {second!r} were", margin)
+                             correct_table(second_dir or output_dir, second, attack), samples,
+                             seed, f"{first!r} and {second!r} were", margin)
     return {"first": first, "second": second, "attack": attack, **result}
+
+
+def _check_same_run(first_dir: str | Path, second_dir: str | Path) -> None:
+    """Two evaluation folders' settings agree on what makes a paired comparison valid."""
+    settings = []
+    for folder in (first_dir, second_dir):
+        path = Path(folder) / "run.json"
+        if not path.is_file():
+            raise ValueError(f"{folder}: no run.json (not an evaluation folder)")
+        settings.append(json.loads(path.read_text(encoding="utf-8")))
+    differing = [key for key in ("data_fingerprint", "n", "seed")
+                 if settings[0].get(key) != settings[1].get(key)]
+    if differing:
+        raise ValueError(f"{first_dir} and {second_dir} differ in {', '.join(differing)} "
+                         f"({[settings[0].get(k) for k in differing]} vs "
+                         f"{[settings[1].get(k) for k in differing]}): not a paired comparison")
 
 
 def compare_attacks_stored(
