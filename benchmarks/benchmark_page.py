@@ -349,12 +349,7 @@ def paired_section(benchmark: dict[str, Any]) -> list[str]:
              "accuracy with its 95% paired-bootstrap interval and p-value, and McNemar's exact "
              "test on the worst case (images only one of the two keeps in every run). A bootstrap "
              "p below its resolution (1 / resamplings) is shown as \"< 1 / resamplings\".")
-    header = ("| defences | mean difference, points [95% CI] | p (bootstrap) | worst case: only "
-              "first / only second | p (McNemar) |")
-    lines = ["## Paired tests", "", intro, "", header, "|---|---|---|---|---|"]
-    for item in comparisons:
-        lines.append(f"| {item['first']} vs {item['second']} | {paired_cells(item)}")
-    return [*lines, ""]
+    return comparison_table("## Paired tests", intro, "defences", comparisons)
 
 
 def attack_paired_section(benchmark: dict[str, Any]) -> list[str]:
@@ -367,9 +362,15 @@ def attack_paired_section(benchmark: dict[str, Any]) -> list[str]:
              "negative difference means the other attack left less robust accuracy (found "
              "more); McNemar's exact test on the worst case counts the images only one of the "
              "two attacks leaves right in every run.")
-    header = ("| attacks | mean difference, points [95% CI] | p (bootstrap) | worst case: only "
-              "first / only second | p (McNemar) |")
-    lines = ["### Attacks against the primary", "", intro, "", header, "|---|---|---|---|---|"]
+    return comparison_table("### Attacks against the primary", intro, "attacks", comparisons)
+
+
+def comparison_table(title: str, intro: str, compared: str,
+                     comparisons: list[dict[str, Any]]) -> list[str]:
+    """A titled table of paired comparisons, one row per "first vs second"."""
+    header = (f"| {compared} | mean difference, points [95% CI] | p (bootstrap) | worst case: "
+              "only first / only second | p (McNemar) |")
+    lines = [title, "", intro, "", header, "|---|---|---|---|---|"]
     for item in comparisons:
         lines.append(f"| {item['first']} vs {item['second']} | {paired_cells(item)}")
     return [*lines, ""]

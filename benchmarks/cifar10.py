@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from benchmark_page import cifar10_page, headline_comparisons
 from fashion_mnist import (
     PRIMARY_ATTACKS,
+    add_headline_arguments,
     checked_headline_attacks,
     default_headline_attacks,
     hardware,
@@ -144,15 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training images held out (class-stratified) to sweep on")
     sweep.add_argument("--validation-seed", type=int, default=0,
                        help="seed of the held-out split (purifyguard.data.validation_split)")
-    headline_group = parser.add_argument_group("headline (what the page leads with)")
-    headline_group.add_argument(
-        "--headline-attacks", nargs="+", metavar="ATTACK", default=None,
-        help="attack strings of the run's threat model, cheap first, whose per-image worst the "
-        "headline takes (default: transfer, transfer:source=guidance, feature, autoattack-rand, "
-        "apgd-eot, apgd-eot with substitute=smooth, at this run's eps, steps and EOT); those that "
-        "need a guidance network run against guided defences only")
-    headline_group.add_argument("--no-headline", action="store_true",
-                                help="skip the headline (the page then shows no headline table)")
+    add_headline_arguments(parser, "the run's threat model", "this run's eps, steps and EOT")
     parser.add_argument("--defences", nargs="+", choices=[*DEFENCES], default=[*DEFENCES],
                         help="the defences to run (default: all)")
     parser.add_argument("--pixel-scale", type=float, default=1.0,

@@ -19,9 +19,10 @@ Attacks, L-inf eps 0.1: the primary with full gradients (--primary: PGD-EOT, or 
 PGD-EOT at the same budget beside it), APGD-EOT with EM-weighted draws (DiffHammer) at the
 primary's budget, AutoAttack-rand and BPDA+EOT; each other attack is compared with the primary
 on ours (paired, "attack_paired": a negative difference means it found more). Ours is
-compared with every other defence on the same images under the primary (purifyguard.evaluation.paired: a paired
-bootstrap of the mean, McNemar on the worst case, and the one-sided margin test of the mean
-against the 5-point target, stored as "margin_test"), and the page shows those tests.
+compared with every other defence on the same images under the primary
+(purifyguard.evaluation.paired: a paired bootstrap of the mean, McNemar on the worst case, and
+the one-sided margin test of the mean against the 5-point target, stored as "margin_test"), and
+the page shows those tests.
 On a GPU their defaults are the protocol's reference (200 steps x EOT 20; APGD 100 x EOT 20);
 on a CPU they default to a setting that fits in about an hour, which every report marks
 "reduced". Cost: NFE per purification and images/s of one defended forward pass (purify and
@@ -119,18 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run only these of primary, pgd-beside (plain PGD-EOT at the "
                          "primary's budget, when the primary is apgd-eot), apgd-em (APGD-EOT "
                          "with DiffHammer-style EM weighting of the draws, same budget), "
-                         "autoattack-rand and bpda (default: all; e.g. the primary on all n images here, the others "
+                         "autoattack-rand and bpda (default: all; e.g. the primary on all n "
+                         "images here, the others "
                          "on fewer images in a second run with its own --output-dir)")
-    headline_group = parser.add_argument_group("headline (what the page leads with)")
-    headline_group.add_argument(
-        "--headline-attacks", nargs="+", metavar="ATTACK", default=None,
-        help="attack strings of one threat model, cheap first, whose per-image worst the "
-        "headline takes (default: transfer, transfer:source=guidance, feature, autoattack-rand, "
-        "apgd-eot, "
-        "apgd-eot with substitute=smooth, at eps 0.1 and this run's steps and EOT); those that "
-        "need a guidance network run against guided defences only")
-    headline_group.add_argument("--no-headline", action="store_true",
-                                help="skip the headline (the page then shows no headline table)")
+    add_headline_arguments(parser, "one threat model", "eps 0.1 and this run's steps and EOT")
     parser.add_argument("--classifier", help="folder of the standard classifier (default: the "
                         "bundled fashion-mnist-resnet18)")
     parser.add_argument("--trades", help="folder of the TRADES classifier (default: the bundled "
@@ -157,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-json", metavar="BENCHMARK_JSON",
                         help="only rewrite the page from an earlier run's benchmark.json")
     return parser
+
+
+def add_headline_arguments(parser: argparse.ArgumentParser, threat_model: str,
+                           budget: str) -> None:
+    """--headline-attacks and --no-headline (this script's and cifar10.py's)."""
+    group = parser.add_argument_group("headline (what the page leads with)")
+    group.add_argument(
+        "--headline-attacks", nargs="+", metavar="ATTACK", default=None,
+        help=f"attack strings of {threat_model}, cheap first, whose per-image worst the "
+        "headline takes (default: transfer, transfer:source=guidance, feature, autoattack-rand, "
+        f"apgd-eot, apgd-eot with substitute=smooth, at {budget}); those that need a guidance "
+        "network run against guided defences only")
+    group.add_argument("--no-headline", action="store_true",
+                       help="skip the headline (the page then shows no headline table)")
 
 
 def attack_specs(args: argparse.Namespace) -> list[AttackSpec]:

@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_guidance_network
 from diffusers.models.attention_processor import Attention
 
-from conftest import make_guidance_network
 from purifyguard.config import GUIDANCE_MODES, SAMPLERS
 
 # Scales that move the sample visibly with these tiny networks: pixel guidance with the

@@ -55,8 +55,14 @@ from torch import nn
 from purifyguard.evaluation.em_weighting import combine_draws
 from purifyguard.evaluation.grafting import check_graftable, grafted_draws
 from purifyguard.evaluation.losses import attack_loss
-from purifyguard.evaluation.pgd import (ascent, eot_draws, probe_model, project, random_delta,
-                                        starting_point)
+from purifyguard.evaluation.pgd import (
+    ascent,
+    eot_draws,
+    probe_model,
+    project,
+    random_delta,
+    starting_point,
+)
 from purifyguard.evaluation.selection import select_candidates
 from purifyguard.evaluation.trace import AttackTrace
 
