@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
 from purifyguard import PurifiedModel, Purifier
-from purifyguard.data import ImageTensorDataset, fashion_mnist
+from purifyguard.data import ImageTensorDataset
 from purifyguard.guidance_network_format import (
     create_guidance_network,
     load_guidance_network,
@@ -169,14 +169,6 @@ def test_a_classifier_of_ones_own(tmp_path):
 
 
 # --- the command line runs the same code ---------------------------------------------------------
-
-
-@pytest.fixture
-def fashion_mnist_here() -> None:
-    try:
-        fashion_mnist(download=False)
-    except FileNotFoundError as error:
-        pytest.skip(f"Fashion-MNIST is not installed here: {error}")
 
 
 def test_the_command_line_and_the_function_agree(tmp_path, fashion_mnist_here):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from purifyguard.data import fashion_mnist
 from purifyguard.evaluation.attacks import parse_attack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,15 +17,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import fronts
 
 TINY_ATTACK = "pgd:steps=1,eot=1,eps=0.1"
-
-
-@pytest.fixture
-def fashion_mnist_available() -> None:
-    """As tests/test_train.py's fixture, but only for the tests that ask for it."""
-    try:
-        fashion_mnist(download=False)
-    except FileNotFoundError as error:
-        pytest.skip(f"Fashion-MNIST is not installed here: {error}")
 
 
 def at(label: str, clean: float, robust: float, n: int = 1000, family: str = "ours") -> dict:
@@ -203,7 +193,7 @@ def test_the_markdown_section_has_the_picture_the_table_and_the_statement():
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("fashion_mnist_available")
+@pytest.mark.usefixtures("fashion_mnist_here")
 def test_a_tiny_run_writes_the_fronts_and_the_picture(tmp_path):
     sweep = sweep_file(tmp_path, "settings.json", [
         row("base", "as-saved", 0.75, 0.5), row("scale", "800", 1.0, 0.25)])
