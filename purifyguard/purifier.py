@@ -81,11 +81,7 @@ class Purifier(PurifierHubMixin, nn.Module):
 
     def with_settings(self, **changes: Any) -> Purifier:
         """A purifier sharing this one's networks (compiled or not), with some settings changed."""
-        settings = self.current_config().replace(**changes)
-        purifier = Purifier(self.unet, self.schedule.scheduler_config, self.guidance_network,
-                            settings)
-        purifier._compiled = self._compiled
-        return purifier
+        return self._sharing_denoiser(self.guidance_network, changes)
 
     def with_guidance_network(self, guidance_network: nn.Module, **changes: Any) -> Purifier:
         """A purifier sharing this one's denoiser and settings, guided by another network (a
@@ -94,6 +90,12 @@ class Purifier(PurifierHubMixin, nn.Module):
         if not isinstance(guidance_network, nn.Module):
             raise ValueError(f"guidance_network must be an nn.Module, got "
                              f"{type(guidance_network).__name__}")
+        return self._sharing_denoiser(guidance_network, changes)
+
+    def _sharing_denoiser(self, guidance_network: nn.Module | None,
+                          changes: dict[str, Any]) -> Purifier:
+        """This purifier's denoiser (compiled or not) and settings, with `changes` and the given
+        guidance network."""
         settings = self.current_config().replace(**changes)
         purifier = Purifier(self.unet, self.schedule.scheduler_config, guidance_network, settings)
         purifier._compiled = self._compiled
