@@ -1,6 +1,8 @@
 """docs/benchmarks.md from a benchmark.json written by fashion_mnist.py: every figure on the page
 comes from that file, so the page is regenerated, never edited. benchmarks/cifar10.py builds its
 page from the same sections (headline, attacks, results, sanity) and the guidance-scale sweep's.
+It also holds what the benchmark scripts share: their NAME=CLASSIFIER arguments (a classifier
+folder or a bundled name), checked and loaded the same way by fronts.py and unseen_classifiers.py.
 
     python benchmarks/fashion_mnist.py --from-json runs/benchmark-fashion-mnist/benchmark.json
     python benchmarks/benchmark_page.py runs/benchmark-fashion-mnist/benchmark.json  # to stdout
@@ -10,6 +12,7 @@ page from the same sections (headline, attacks, results, sanity) and the guidanc
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from purifyguard.evaluation.paired import format_p_value
@@ -565,6 +568,64 @@ def scale_sweep_section(benchmark: dict[str, Any]) -> list[str]:
         lines.append(f"| {row['scale']:g} | {percent(row['clean_accuracy']['mean'])} | "
                      f"{with_interval(robust)} | {percent(robust['worst_case'])} | {mark} |")
     return [*lines, ""]
+
+
+
+# ----------------------------------------------------------------------------- shared arguments
+
+CLASSIFIER_FILES = ("config.json", "model.safetensors")
+
+
+def named_classifiers(option: str, values: list[str]) -> dict[str, str]:
+    """NAME=CLASSIFIER pairs given to `option` (--trades, --classifiers) as {name: classifier},
+    each checked (SystemExit naming the option and the value) before anything is loaded."""
+    from purifyguard.evaluation.arguments import check_name
+
+    sources: dict[str, str] = {}
+    for value in values:
+        name, equals, source = (part.strip() for part in value.partition("="))
+        if not equals or not name or not source:
+            raise SystemExit(f"{option} {value!r}: expected NAME=CLASSIFIER (a classifier folder "
+                             "or a bundled name)")
+        try:
+            check_name("the name", name)
+        except ValueError as error:
+            raise SystemExit(f"{option} {value!r}: {error}") from None
+        if name in sources:
+            raise SystemExit(f"{option} {value!r}: the name {name!r} is given twice")
+        problem = classifier_problem(source)
+        if problem:
+            raise SystemExit(f"{option} {value!r}: {problem}")
+        sources[name] = source
+    return sources
+
+
+def classifier_problem(source: str) -> str | None:
+    """Why `source` is neither a bundled classifier nor a classifier folder (None: it is one)."""
+    from purifyguard.presets import CLASSIFIERS
+
+    if source in CLASSIFIERS:
+        return None
+    folder = Path(source)
+    if not folder.is_dir():
+        return (f"{source} is neither a folder nor a bundled classifier "
+                f"({', '.join(sorted(CLASSIFIERS))})")
+    missing = [name for name in CLASSIFIER_FILES if not (folder / name).is_file()]
+    if missing:
+        return f"the folder {source} has no {' or '.join(missing)} (not a classifier folder)"
+    return None
+
+
+def load_classifier(source: str):
+    """A bundled classifier by name, or a classifier folder (`purifyguard train guidance`'s
+    export)."""
+    from purifyguard import bundled_classifier
+    from purifyguard.guidance_network_format import load_guidance_network
+    from purifyguard.presets import CLASSIFIERS
+
+    if source in CLASSIFIERS:
+        return bundled_classifier(source)
+    return load_guidance_network(Path(source))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 FAMILIES = ("ours", "trades")
-CLASSIFIER_FILES = ("config.json", "model.safetensors")
 SWEEP_KEYS = ("attack", "n", "runs", "seed", "held_out", "settings")
 # What must agree between sweeps for their points to share a plot.
 SAME_MEASUREMENT = ("n", "seed", "held_out")
@@ -64,48 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--batch-size", type=int, default=32)
     return parser
-
-
-# ----------------------------------------------------------------------------- the arguments
-
-def trades_sources(values: list[str]) -> dict[str, str]:
-    """--trades NAME=CLASSIFIER pairs as {name: classifier}, each checked (SystemExit naming
-    the value) before anything is loaded."""
-    from purifyguard.evaluation.arguments import check_name
-
-    sources: dict[str, str] = {}
-    for value in values:
-        name, equals, source = (part.strip() for part in value.partition("="))
-        if not equals or not name or not source:
-            raise SystemExit(f"--trades {value!r}: expected NAME=CLASSIFIER (a classifier folder "
-                             "or a bundled name)")
-        try:
-            check_name("the name", name)
-        except ValueError as error:
-            raise SystemExit(f"--trades {value!r}: {error}") from None
-        if name in sources:
-            raise SystemExit(f"--trades {value!r}: the name {name!r} is given twice")
-        problem = classifier_problem(source)
-        if problem:
-            raise SystemExit(f"--trades {value!r}: {problem}")
-        sources[name] = source
-    return sources
-
-
-def classifier_problem(source: str) -> str | None:
-    """Why `source` is neither a bundled classifier nor a classifier folder (None: it is one)."""
-    from purifyguard.presets import CLASSIFIERS
-
-    if source in CLASSIFIERS:
-        return None
-    folder = Path(source)
-    if not folder.is_dir():
-        return (f"{source} is neither a folder nor a bundled classifier "
-                f"({', '.join(sorted(CLASSIFIERS))})")
-    missing = [name for name in CLASSIFIER_FILES if not (folder / name).is_file()]
-    if missing:
-        return f"the folder {source} has no {' or '.join(missing)} (not a classifier folder)"
-    return None
 
 
 # ----------------------------------------------------------------------------- ours: the sweeps
@@ -273,17 +230,6 @@ def point(family: str, label: str, clean: float, robust: float, worst_case: floa
 
 # ----------------------------------------------------------------------------- TRADES: measured
 
-def load_trades_classifier(source: str):
-    """A bundled classifier by name, or a classifier folder."""
-    from purifyguard import bundled_classifier
-    from purifyguard.guidance_network_format import load_guidance_network
-    from purifyguard.presets import CLASSIFIERS
-
-    if source in CLASSIFIERS:
-        return bundled_classifier(source)
-    return load_guidance_network(Path(source))
-
-
 def held_out(sweep: dict[str, Any], data_root: str | None):
     """The sweep's held-out training images (choose_settings.py's split)."""
     from choose_settings import held_out_images
@@ -297,10 +243,12 @@ def measure_trades(sources: dict[str, str], sweep: dict[str, Any], runs: int,
                    args: argparse.Namespace) -> list[dict[str, Any]]:
     """Each TRADES classifier, no purifier, on the sweep's first n held-out images under its
     attack, R and seed (the harness; finished batches stored in --output-dir)."""
+    from benchmark_page import load_classifier
+
     from purifyguard import PurifiedModel
     from purifyguard.evaluation import evaluate_models
 
-    models = {name: PurifiedModel(load_trades_classifier(source), purifier=False)
+    models = {name: PurifiedModel(load_classifier(source), purifier=False)
               for name, source in sources.items()}
     report = evaluate_models(models, held_out(sweep, args.data_root), [attack_from_sweep(sweep)],
                              n=sweep["n"], batch_size=args.batch_size, runs=runs,
@@ -499,7 +447,9 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    sources = trades_sources(args.trades)
+    from benchmark_page import named_classifiers
+
+    sources = named_classifiers("--trades", args.trades)
     sweeps = read_sweeps(args.sweeps)
     check_same_measurement(sweeps)
     import torch

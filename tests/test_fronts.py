@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fronts
+from benchmark_page import named_classifiers
 
 TINY_ATTACK = "pgd:steps=1,eot=1,eps=0.1"
 
@@ -175,8 +176,8 @@ def test_a_bad_trades_argument_is_named_before_any_work(tmp_path, monkeypatch, v
 def test_a_folder_without_a_classifier_is_refused(tmp_path):
     with pytest.raises(SystemExit, match=f"--trades 'x={tmp_path}': the folder .* has no "
                                          "config.json or model.safetensors"):
-        fronts.trades_sources([f"x={tmp_path}"])
-    assert fronts.trades_sources(["beta6=fashion-mnist-resnet18-trades"]) == {
+        named_classifiers("--trades", [f"x={tmp_path}"])
+    assert named_classifiers("--trades", ["beta6=fashion-mnist-resnet18-trades"]) == {
         "beta6": "fashion-mnist-resnet18-trades"}
 
 
