@@ -237,3 +237,54 @@ def test_a_config_file_can_supply_a_required_option(tmp_path):
     assert (args.purifier, args.classifier, args.steps) == ("fashion-mnist-agdm", "some/folder", 5)
     with pytest.raises(SystemExit):
         parse_with_config(build_parser(), ["--steps", "5"])
+
+
+@pytest.fixture(scope="module")
+def unguided_purifier(tmp_path_factory) -> Path:
+    """A tiny unguided purifier saved in the Hub layout (what --init-from continues)."""
+    folder = tmp_path_factory.mktemp("init_from") / "purifier"
+    torch.manual_seed(1)
+    unet = UNet2DModel(
+        sample_size=28, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16),
+        layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    )
+    Purifier(unet, DDPMScheduler(num_train_timesteps=1000), t_star=20).save_pretrained(folder)
+    return folder
+
+
+def test_diffusion_init_from_continues_the_purifiers_denoiser(tmp_path, unguided_purifier):
+    # A learning rate too small to move a weight: the export is the purifier's own denoiser,
+    # where a fresh UNet (another seed) would differ everywhere.
+    train("diffusion", tmp_path, "--init-from", str(unguided_purifier), "--steps", "1",
+          "--batch-size", "4", "--lr", "1e-12", "--log-every", "1", "--checkpoint-every", "1")
+
+    start = Purifier.from_pretrained(str(unguided_purifier)).unet.state_dict()
+    exported = Purifier.from_pretrained(str(tmp_path / "final")).unet.state_dict()
+    assert start.keys() == exported.keys()
+    assert all(torch.allclose(start[key], exported[key], atol=1e-6) for key in start)
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args["init_from"] == str(unguided_purifier)
+
+
+def test_diffusion_init_from_refuses_architecture_options(capsys, unguided_purifier):
+    with pytest.raises(SystemExit) as exit_info:
+        diffusion.parse_args(["--init-from", str(unguided_purifier),
+                              "--block-out-channels", "8,8,8"])
+    assert exit_info.value.code == 2
+    assert "--init-from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--init-from", "no-such-purifier"], "--init-from"),
+    (["--image-size", "32"], "--image-size"),
+    (["--num-train-timesteps", "500"], "--num-train-timesteps"),
+])
+def test_diffusion_init_from_that_does_not_fit_is_refused_before_training(
+        options, named, tmp_path, unguided_purifier):
+    argv = ["--init-from", str(unguided_purifier), *options, "--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        diffusion.main(argv)
+    assert named in str(exit_info.value) and "--init-from" in str(exit_info.value)
+    assert not (tmp_path / "checkpoints").exists()

@@ -4,7 +4,10 @@
         --t-max 300
 
 Purification only visits t <= t*, so --t-max trains the steps [1, t_max] alone (cheaper).
-The export (output_dir/final) is an unguided purifier in the Hub layout.
+The export (output_dir/final) is an unguided purifier in the Hub layout. --init-from continues
+a purifier's denoiser (a registered name such as fashion-mnist-ddpm, a folder or a Hub id): its
+architecture and weights start the run, the EMA starts from them too, and its noise schedule is
+kept (the optimizer starts afresh: an export keeps no optimizer state).
 """
 
 from __future__ import annotations
@@ -60,7 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decay of the exported EMA weights")
     parser.add_argument("--export-t-star", type=positive_int, default=100,
                         help="t* of the exported purifier")
+    parser.add_argument("--init-from", type=text,
+                        help="a purifier whose denoiser the run continues (registered name, "
+                             "folder or Hub id): its UNet and noise schedule replace the "
+                             "architecture and schedule options (default: a new UNet)")
     return parser
+
+
+# What --init-from takes from the purifier instead of the options that would describe it.
+ARCHITECTURE_OPTIONS = ("unet_config", "block_out_channels", "layers_per_block",
+                        "attention_levels")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,7 +82,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.t_max is not None and args.t_max > args.num_train_timesteps:
         parser.error(f"argument --t-max: expected an integer in [1, {args.num_train_timesteps}] "
                      f"(--num-train-timesteps), got {args.t_max}")
+    if args.init_from is not None:
+        given = [f"--{dest.replace('_', '-')}" for dest in ARCHITECTURE_OPTIONS
+                 if getattr(args, dest) != parser.get_default(dest)]
+        if given:
+            parser.error(f"argument --init-from: the denoiser's architecture comes from the "
+                         f"purifier {args.init_from!r}; drop {', '.join(given)}")
     return args
+
+
+def initial_denoiser(args: argparse.Namespace) -> tuple[UNet2DModel, dict]:
+    """(a trainable copy of --init-from's denoiser, its scheduler config); ValueError naming
+    --init-from when the purifier cannot be loaded or does not fit --image-size, --channels,
+    --num-train-timesteps and --beta-schedule."""
+    from purifyguard.registry import load_purifier
+
+    try:
+        purifier = load_purifier(args.init_from)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--init-from: cannot load {args.init_from!r}: {error}") from None
+    unet, schedule = purifier.unet, purifier.schedule.scheduler_config
+    expected = {
+        "--image-size": (args.image_size, unet.config.sample_size),
+        "--channels": (args.channels, unet.config.in_channels),
+        "--num-train-timesteps": (args.num_train_timesteps, schedule["num_train_timesteps"]),
+        "--beta-schedule": (args.beta_schedule, schedule["beta_schedule"]),
+    }
+    for option, (given, theirs) in expected.items():
+        if given != theirs:
+            raise ValueError(f"--init-from: {args.init_from!r} has {option} {theirs!r}, the run "
+                             f"{given!r}; give {option} {theirs}")
+    trainable = type(unet).from_config(unet.config)
+    trainable.load_state_dict(unet.state_dict())
+    return trainable.requires_grad_(True), schedule
 
 
 def build_unet(args: argparse.Namespace) -> UNet2DModel:
@@ -104,15 +148,22 @@ def main(argv: list[str] | None = None) -> None:
     from purifyguard.purifier import Purifier
     from purifyguard.train.run import TrainingRun
 
+    if args.init_from is None:
+        unet = build_unet(args)
+        scheduler = DDPMScheduler(
+            num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule
+        )
+    else:
+        try:
+            unet, schedule = initial_denoiser(args)
+        except ValueError as error:
+            raise SystemExit(f"purifyguard train diffusion: error: {error}") from None
+        scheduler = DDPMScheduler.from_config(schedule)
     run = TrainingRun(args, "diffusion", argv)
-    scheduler = DDPMScheduler(
-        num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule
-    )
     t_max = args.num_train_timesteps if args.t_max is None else args.t_max
     dataset = run.training_part(
         load_dataset(args.data, args.data_root, train=True, image_size=args.image_size))
 
-    unet = build_unet(args)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DModel,
                    model_config=unet.config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
