@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from purifyguard.provenance import portable_command
+
 FACTORS = {  # option: (PurifierConfig field, how a value is read)
     "t_star": ("t_star", int),
     "steps": ("n_steps", int),
@@ -239,8 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     label = (f"{attack.label}: {attack.steps} it. x EOT {attack.eot}, eps {attack.eps}; "
              f"{args.n} held-out images, R = {args.runs}")
     write_json(output_dir / "settings.json", {
-        "command": "python benchmarks/choose_settings.py " + shlex.join(sys.argv[1:] if argv is
-                                                                        None else argv),
+        "command": portable_command(
+            "python benchmarks/choose_settings.py "
+            + shlex.join(sys.argv[1:] if argv is None else argv)),
         "purifier": args.purifier, "attack": attack.to_dict(), "n": args.n, "runs": args.runs,
         "seed": args.seed, "held_out": {"size": args.validation_size,
                                         "seed": args.validation_seed},

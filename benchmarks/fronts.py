@@ -38,6 +38,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from purifyguard.provenance import portable_command
+
 FAMILIES = ("ours", "trades")
 SWEEP_KEYS = ("attack", "n", "runs", "seed", "held_out", "settings")
 # What must agree between sweeps for their points to share a plot.
@@ -462,8 +464,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = max(sweep["runs"] for sweep in sweeps)
     trades = measure_trades(sources, first, runs, args)
     result = {
-        "command": "python benchmarks/fronts.py " + shlex.join(sys.argv[1:] if argv is None
-                                                               else argv),
+        "command": portable_command(
+            "python benchmarks/fronts.py "
+            + shlex.join(sys.argv[1:] if argv is None else argv)),
         "sweeps": [sweep["source"] for sweep in sweeps], "trades": sources,
         "attack": first["attack"], "n": first["n"], "seed": first["seed"],
         "held_out": first["held_out"],

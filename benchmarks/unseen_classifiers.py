@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from purifyguard.option_types import non_negative_int, positive_int
+from purifyguard.provenance import portable_command
 from purifyguard.threads import add_threads_argument, prefer_sleeping_threads, use_threads
 
 RESULT_FILE = "unseen-classifiers.json"
@@ -443,8 +444,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name in classifiers]
     first = next(iter(throughput.values()))
     result = {
-        "command": "python benchmarks/unseen_classifiers.py " + shlex.join(
-            sys.argv[1:] if argv is None else argv),
+        "command": portable_command(
+            "python benchmarks/unseen_classifiers.py "
+            + shlex.join(sys.argv[1:] if argv is None else argv)),
         "quick": args.quick, "purifier": args.purifier, "classifiers": rows,
         "attack": attack.to_dict(), "n": args.n, "clean_n": args.clean_n, "runs": args.runs,
         "seed": args.seed, "batch_size": args.batch_size,
