@@ -43,17 +43,22 @@ def fashion_mnist_available() -> None:
         pytest.skip(f"Fashion-MNIST is not installed here: {error}")
 
 
-@pytest.fixture(scope="module")
-def adapt_inputs(tmp_path_factory) -> list[str]:
-    """A tiny saved purifier with adversarial guidance and a tiny saved classifier."""
-    folder = tmp_path_factory.mktemp("adapt_inputs")
-    torch.manual_seed(0)
-    unet = UNet2DModel(
+def tiny_unet(seed: int) -> UNet2DModel:
+    """The routines' tiny denoiser (TINY["diffusion"]'s channels, attention at the middle level)."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
         sample_size=28, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16),
         layers_per_block=1, norm_num_groups=8,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     )
+
+
+@pytest.fixture(scope="module")
+def adapt_inputs(tmp_path_factory) -> list[str]:
+    """A tiny saved purifier with adversarial guidance and a tiny saved classifier."""
+    folder = tmp_path_factory.mktemp("adapt_inputs")
+    unet = tiny_unet(seed=0)
     network = create_guidance_network(
         "resnet10t", num_classes=10, in_chans=1, channels=[8, 16, 32, 64],
         pretrained_cfg_overlay=RAW_INPUT,
@@ -243,13 +248,7 @@ def test_a_config_file_can_supply_a_required_option(tmp_path):
 def unguided_purifier(tmp_path_factory) -> Path:
     """A tiny unguided purifier saved in the Hub layout (what --init-from continues)."""
     folder = tmp_path_factory.mktemp("init_from") / "purifier"
-    torch.manual_seed(1)
-    unet = UNet2DModel(
-        sample_size=28, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16),
-        layers_per_block=1, norm_num_groups=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    )
+    unet = tiny_unet(seed=1)
     Purifier(unet, DDPMScheduler(num_train_timesteps=1000), t_star=20).save_pretrained(folder)
     return folder
 
