@@ -25,6 +25,14 @@ MARGIN_TARGETS = (("diffpure", "DiffPure-style"), ("trades", "TRADES"))  # ours 
 SIGNIFICANCE = 0.05
 TARGET_CLEAN_GAP = 3.0  # points of clean accuracy below the undefended classifier
 TARGET_FEW_NFE_GAP = 2.0  # points between ours at <= 10 NFE and ours at t* NFE
+# The plug-in defence's targets, judged on the headline: ours non-inferior to the TRADES
+# classifier alone (the one-sided 95% lower bound of ours minus TRADES >= -3 points) at a clean
+# accuracy at least 4 points higher; its worst of R within 8 points of its mean; and a clean
+# cost of at most 4 points against the bare classifier (--clean-n, the whole test set).
+TARGET_NON_INFERIORITY = 3.0
+TARGET_CLEAN_OVER_TRADES = 4.0
+TARGET_WORST_GAP = 8.0
+TARGET_CLEAN_COST = 4.0
 
 
 def percent(value: float) -> str:
@@ -60,11 +68,12 @@ HEADLINE_RULE = (
 def headline_comparisons(results: dict[str, dict[str, Any]], ours: str = "ours",
                          samples: int = 10_000, seed: int = 0) -> list[dict[str, Any]]:
     """Ours against each other defence on the headline, on the same images: the paired
-    bootstrap of the per-image robust share (correct runs / R) and McNemar's exact test on
-    "robust in all R runs". Pairs judged on other images or another R are left out."""
+    bootstrap of the per-image robust share (correct runs / R), McNemar's exact test on
+    "robust in all R runs" and the one-sided non-inferiority test at TARGET_NON_INFERIORITY
+    points. Pairs judged on other images or another R are left out."""
     import torch
 
-    from purifyguard.evaluation.paired import mcnemar_exact, paired_bootstrap
+    from purifyguard.evaluation.paired import mcnemar_exact, paired_bootstrap, paired_margin_test
 
     if ours not in results:
         return []
@@ -81,6 +90,9 @@ def headline_comparisons(results: dict[str, dict[str, Any]], ours: str = "ours",
             "first": ours, "second": other, "attack": "headline", "n": len(a),
             "mean": paired_bootstrap(a / runs, b / runs, samples=samples, seed=seed),
             "worst_case": mcnemar_exact(a == runs, b == runs),
+            "non_inferiority": paired_margin_test(a / runs, b / runs,
+                                                  margin=-TARGET_NON_INFERIORITY / 100,
+                                                  samples=samples, seed=seed),
         })
     return comparisons
 
@@ -128,7 +140,74 @@ def headline_section(benchmark: dict[str, Any]) -> list[str]:
         lines += [f"| {item['first']} vs {item['second']} | {paired_cells(item)}"
                   for item in comparisons]
         lines += [""] + [f"- Headline, {lead_tests(item)}." for item in comparisons]
+    lines += plug_in_targets(benchmark)
+    lines += clean_cost_section(benchmark)
     return [*lines, "", "### Each attack separately", ""]
+
+
+def plug_in_targets(benchmark: dict[str, Any], ours: str = "ours") -> list[str]:
+    """The plug-in defence's targets on the headline: ours non-inferior to TRADES with a
+    3-point margin at a clean accuracy 4 points higher, worst of R within 8 points of the mean,
+    and the clean cost on --clean-n test images (met / missed / not measured)."""
+    results = benchmark.get("headline", {})
+    if ours not in results:
+        return []
+    robust = results[ours]["robust_accuracy"]
+    lines = ["", "Targets of the plug-in defence, on the headline:", ""]
+    item = next((item for item in benchmark.get("headline_paired", [])
+                 if (item["first"], item["second"]) == (ours, "trades")), None)
+    if item is None or "non_inferiority" not in item:
+        lines.append(f"- {ours} non-inferior to trades ({TARGET_NON_INFERIORITY:g}-point margin): "
+                     "not measured in this run (no trades headline)")
+    else:
+        test = item["non_inferiority"]
+        met = test["p_value"] < SIGNIFICANCE
+        lines.append(
+            f"- {ours} non-inferior to trades ({TARGET_NON_INFERIORITY:g}-point margin): "
+            f"{'met' if met else 'missed'} ({100 * item['mean']['difference']:+.1f} points; "
+            f"one-sided 95% lower bound {100 * test['ci']['one_sided95']:+.1f}, "
+            f"{format_p_value(test['p_value'], test['samples'])} for H0 difference <= "
+            f"-{TARGET_NON_INFERIORITY:g}; {worst_case_text(item['worst_case'])}).")
+    if "trades" in results:
+        gap = 100 * (results[ours]["clean_accuracy"]["mean"]
+                     - results["trades"]["clean_accuracy"]["mean"])
+        verdict = "met" if gap >= TARGET_CLEAN_OVER_TRADES else "missed"
+        lines.append(f"- {ours} clean accuracy at least {TARGET_CLEAN_OVER_TRADES:g} points above "
+                     f"trades: {verdict} ({gap:+.1f} points).")
+    gap = 100 * (robust["mean"] - robust["worst_case"])
+    lines.append(f"- {ours} worst of R within {TARGET_WORST_GAP:g} points of its mean: "
+                 f"{'met' if gap <= TARGET_WORST_GAP else 'missed'} ({gap:.1f} points below).")
+    standard = benchmark.get("clean_cost", {}).get("standard")
+    if standard is None:
+        lines.append(f"- clean cost at most {TARGET_CLEAN_COST:g} points against the bare "
+                     "classifier: not measured in this run (`--clean-n 10000`).")
+    else:
+        cost = 100 * standard["cost"]["difference"]
+        lines.append(f"- clean cost at most {TARGET_CLEAN_COST:g} points against the bare "
+                     f"classifier: {'met' if cost <= TARGET_CLEAN_COST else 'missed'} "
+                     f"({cost:.1f} points on {standard['n']} test images).")
+    return lines
+
+
+def clean_cost_section(benchmark: dict[str, Any]) -> list[str]:
+    """The clean cost of --clean-n: per classifier bare and purified clean accuracy, one
+    purification per image, and the paired difference with its 95% interval."""
+    costs = benchmark.get("clean_cost")
+    if not costs:
+        return []
+    lines = ["", ("Clean cost, measured apart on the first test images (one purification per "
+                  "image): bare minus purified, in points, with its 95% paired-bootstrap "
+                  "interval and McNemar's exact test."), "",
+             "| classifier | images | bare % | purified % | cost, points [95% CI] | p (McNemar) |",
+             "|---|---|---|---|---|---|"]
+    for name, figures in costs.items():
+        cost = figures["cost"]
+        low, high = (100 * value for value in cost["ci95"])
+        lines.append(f"| {name} | {figures['n']} | {percent(figures['bare'])} | "
+                     f"{percent(figures['purified'])} | {100 * cost['difference']:.1f} "
+                     f"[{low:.1f}, {high:.1f}] | "
+                     f"{format_p_value(cost['mcnemar']['p_value'], name='')} |")
+    return lines
 
 
 def settings_section(benchmark: dict[str, Any]) -> list[str]:
@@ -228,8 +307,9 @@ def targets_section(benchmark: dict[str, Any]) -> list[str]:
         return f"noise at n = {robust_accuracy['n']}: +-{100 * tolerance:.1f}"
 
     lines = [TARGETS_INTRO, ""]
+    unseen = {row for name in benchmark.get("unseen", []) for row in (name, f"ours-{name}")}
     for ours in (name for name in OURS if name in table):
-        others = {name: robust(name) for name in table if name not in OURS}
+        others = {name: robust(name) for name in table if name not in (*OURS, *unseen)}
         if others:  # a run of our defences alone has nothing to beat
             best_other = max(others, key=others.get)
             margin = robust(ours) - others[best_other]

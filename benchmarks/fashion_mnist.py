@@ -15,6 +15,13 @@ out when none is given: none is bundled); on a GPU also ours at t* NFE (the DDPM
 of DDIM steps); on request (--defences) ours at 5 DDIM steps and ours in front of the TRADES
 classifier. --classifier,
 --trades and --purifier take other folders (new components before they are bundled).
+--unseen NAME=CLASSIFIER adds, for each standard classifier the purifier never saw (a folder
+from `purifyguard train guidance --beta 0` or a bundled name), two rows: NAME alone and
+ours-NAME (the same purifier in front of it, no retraining), paired with each other and with
+TRADES. --clean-n N measures the clean cost apart, on the first N test images (10,000: the
+whole test set), one purification per image: the standard classifier (and each unseen one)
+bare against purified, a paired bootstrap of the difference (benchmark.json "clean_cost",
+resumable in output-dir/clean-cost).
 Attacks, L-inf eps 0.1: the primary with full gradients (--primary: PGD-EOT, or APGD-EOT with
 PGD-EOT at the same budget beside it), APGD-EOT with EM-weighted draws (DiffHammer) at the
 primary's budget, AutoAttack-rand and BPDA+EOT; each other attack is compared with the primary
@@ -148,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "ours-adapted row; left out without it)")
     parser.add_argument("--defences", nargs="+", choices=list(DEFENCES),
                         default=list(DEFENCES) if reference else CPU_DEFAULT)
+    parser.add_argument("--unseen", nargs="+", default=[], metavar="NAME=CLASSIFIER",
+                        help="standard classifiers the purifier never saw (a classifier folder "
+                        "or a bundled name): each adds the rows NAME (alone) and ours-NAME (ours "
+                        "in front of it)")
+    parser.add_argument("--clean-n", type=non_negative_int, default=0,
+                        help="also measure the clean cost (bare minus purified, one purification "
+                        "per image) on the first N test images (default 0: not measured)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="purifiers recompute reverse steps in the backward: the same "
                         "gradients in a quarter of the memory, about 20%% slower")
@@ -302,7 +316,45 @@ def attacks_against_primary(output_dir: str, primary: str,
             for other in names if other != primary]
 
 
+def unseen_sources(args: argparse.Namespace) -> dict[str, str]:
+    """--unseen as {name: classifier}, checked before anything loads (SystemExit naming the
+    option): NAME=CLASSIFIER pairs whose names are neither a defence's nor ours-<defence>."""
+    from benchmark_page import named_classifiers
+
+    sources = named_classifiers("--unseen", args.unseen)
+    for name in sources:
+        if name in DEFENCES or f"ours-{name}" in DEFENCES:
+            raise SystemExit(f"--unseen {name}=...: the name {name!r} is taken by a defence "
+                             f"({', '.join(DEFENCES)}); choose another")
+    return sources
+
+
+def describe_defences(args: argparse.Namespace, defences: dict[str, torch.nn.Module]
+                      ) -> dict[str, str]:
+    """What each defence of this run is, as the page says it."""
+    sources = unseen_sources(args)
+    descriptions = {}
+    for name in defences:
+        if name in sources:
+            descriptions[name] = (f"a standard classifier the purifier never saw "
+                                  f"({unseen_architecture(defences[name])}), alone")
+        elif name.startswith("ours-") and name[len("ours-"):] in sources:
+            descriptions[name] = f"ours in front of {name[len('ours-'):]}, no retraining"
+        else:
+            descriptions[name] = DEFENCES[name]
+    return descriptions
+
+
+def unseen_architecture(model: PurifiedModel) -> str:
+    from purifyguard.guidance_network_format import guidance_architecture
+
+    architecture, _ = guidance_architecture(model.classifier)
+    return f"timm {architecture}"
+
+
 def build_defences(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    from benchmark_page import load_classifier
+
     from purifyguard.guidance_network_format import load_guidance_network
 
     classifier = (bundled_classifier() if args.classifier is None
@@ -336,18 +388,69 @@ def build_defences(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
                 defences[name] = PurifiedModel(classifier, purifiers[name]())
             except (ValueError, OSError) as error:
                 print(f"leaving out {name}: {error}", file=sys.stderr)
+    for name, source in unseen_sources(args).items():
+        unseen = load_classifier(source)
+        defences[name] = PurifiedModel(unseen, purifier=False)
+        defences[f"ours-{name}"] = PurifiedModel(unseen, ours)
     return defences
 
 
-def test_images(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+def unseen_rows(args: argparse.Namespace) -> set[str]:
+    """The rows --unseen adds (NAME and ours-NAME): compared with each other and with TRADES,
+    not with the other defences."""
+    return {row for name in unseen_sources(args) for row in (name, f"ours-{name}")}
+
+
+def unseen_pairs(args: argparse.Namespace, defences: dict[str, torch.nn.Module]
+                 ) -> list[tuple[str, str]]:
+    """(ours-NAME, NAME) and (ours-NAME, trades) for each --unseen classifier: the paired tests
+    beside ours against every other defence."""
+    pairs = []
+    for name in unseen_sources(args):
+        pairs += [(f"ours-{name}", other) for other in (name, "trades") if other in defences]
+    return pairs
+
+
+def clean_cost(args: argparse.Namespace, defences: dict[str, torch.nn.Module],
+               device: str) -> dict[str, dict]:
+    """The clean cost on the first --clean-n test images, one purification per image (seed
+    --seed): per classifier bare and purified accuracy and the paired difference
+    (unseen_classifiers.clean_pass / clean_figures, stored in output-dir/clean-cost, resumed)."""
+    from unseen_classifiers import clean_figures, clean_pass
+
+    pairs = {"standard": ("undefended", "ours")}
+    pairs.update({name: (name, f"ours-{name}") for name in unseen_sources(args)})
+    pairs = {name: pair for name, pair in pairs.items() if set(pair) <= set(defences)}
+    if not pairs:
+        print("--clean-n: no bare and purified pair in --defences (undefended and ours, or "
+              "--unseen): clean cost not measured", file=sys.stderr)
+        return {}
+    models = {}
+    for name, (bare, purified) in pairs.items():
+        models.update({f"{name}-bare": defences[bare], f"{name}-purified": defences[purified]})
+    images, labels = test_images(args, args.clean_n)
+    folder = Path(args.output_dir) / "clean-cost"
+    clean_pass(models, images, labels, args.seed, args.batch_size, folder, device)
+    result = {name: clean_figures(folder, name, args.seed) for name in pairs}
+    for name, figures in result.items():
+        print(f"clean cost {name}: {100 * figures['bare']:.2f} -> {100 * figures['purified']:.2f} "
+              f"on {figures['n']} images")
+    return result
+
+
+def test_images(args: argparse.Namespace, n: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n test images (default --n): bundled, or from --data-root."""
+    n = args.n if n is None else n
     if args.data_root is None:
         images, labels, _ = bundled_test_images()
-        if args.n > len(labels):
-            raise SystemExit(f"--n {args.n}: only {len(labels)} images are bundled; "
+        if n > len(labels):
+            option = "--n" if n == args.n else "--clean-n"
+            raise SystemExit(f"{option} {n}: only {len(labels)} images are bundled; "
                              "pass --data-root with the Fashion-MNIST test set")
-        return images, labels
+        return images[:n], labels[:n]
     dataset = load_dataset("fashion-mnist", args.data_root, train=False)
-    pairs = [dataset[i] for i in range(min(args.n, len(dataset)))]
+    pairs = [dataset[i] for i in range(min(n, len(dataset)))]
     return torch.stack([p[0] for p in pairs]), torch.tensor([int(p[1]) for p in pairs])
 
 
@@ -398,16 +501,20 @@ def run(args: argparse.Namespace) -> dict:
     )
     primary = PRIMARY_ATTACKS[args.primary]
     paired = []
-    if args.output_dir and "ours" in defences and "primary" in (args.attacks or ["primary"]):
+    if args.output_dir and "primary" in (args.attacks or ["primary"]):
         from purifyguard.evaluation.paired import compare_stored
 
         sys.path.insert(0, str(Path(__file__).parent))
         from benchmark_page import TARGET_MARGIN_OVER_DIFFPURE
 
         # margin_test: the one-sided paired test of the page's "5 points over" targets
-        paired = [compare_stored(args.output_dir, "ours", other, primary,
-                                 margin=TARGET_MARGIN_OVER_DIFFPURE / 100)
-                  for other in defences if other != "ours"]
+        if "ours" in defences:
+            paired = [compare_stored(args.output_dir, "ours", other, primary,
+                                     margin=TARGET_MARGIN_OVER_DIFFPURE / 100)
+                      for other in defences
+                      if other != "ours" and other not in unseen_rows(args)]
+        paired += [compare_stored(args.output_dir, first, second, primary)
+                   for first, second in unseen_pairs(args, defences)]
     attack_paired = []
     if args.output_dir and "ours" in defences:
         attack_paired = attacks_against_primary(args.output_dir, primary, attack_specs(args))
@@ -420,9 +527,12 @@ def run(args: argparse.Namespace) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "wall_seconds": time.perf_counter() - started,
         "costs": costs,
-        "descriptions": {name: DEFENCES[name] for name in defences},
+        "descriptions": describe_defences(args, defences),
+        "unseen": list(unseen_sources(args)),
         "report": report,
     }
+    if args.clean_n:
+        benchmark["clean_cost"] = clean_cost(args, defences, device)
     # headline() runs in one process: under `accelerate launch` the main one computes it
     if not args.no_headline and PartialState().is_main_process:
         sys.path.insert(0, str(Path(__file__).parent))
@@ -430,7 +540,13 @@ def run(args: argparse.Namespace) -> dict:
 
         benchmark["headline"] = run_headlines(args, defences, images, labels, device,
                                               headline_specs(args))
-        benchmark["headline_paired"] = headline_comparisons(benchmark["headline"])
+        benchmark["headline_paired"] = headline_comparisons(
+            {key: value for key, value in benchmark["headline"].items()
+             if key not in unseen_rows(args)})
+        for first, second in unseen_pairs(args, defences):
+            benchmark["headline_paired"] += headline_comparisons(
+                {key: benchmark["headline"][key] for key in (first, second)
+                 if key in benchmark["headline"]}, ours=first)
         benchmark["wall_seconds"] = time.perf_counter() - started
     return benchmark
 
@@ -442,6 +558,11 @@ def main(argv: list[str] | None = None) -> None:
         try:  # a bad attack string is refused before any model loads
             headline_specs(args)
         except ValueError as error:
+            parser.error(str(error))
+    if not args.from_json:
+        try:
+            unseen_sources(args)
+        except SystemExit as error:
             parser.error(str(error))
     if args.from_json:
         benchmark = read_json(args.from_json, "benchmark results file")

@@ -316,3 +316,79 @@ def test_ours_under_the_em_attack_is_paired_with_the_primary(tmp_path: Path) -> 
     [item] = benchmark["attack_paired"]
     assert (item["first"], item["second"], item["n"]) == ("apgd-em-eot", "apgd-eot", 2)
     assert "| apgd-em-eot vs apgd-eot |" in docs.read_text()
+
+
+def test_the_plug_in_targets_are_judged_on_the_headline() -> None:
+    """Non-inferiority to TRADES at a 3-point margin, 4 clean points over it, worst of R within
+    8 points of the mean (the made-up accuracy() puts it 5 below) and the clean cost."""
+    from benchmark_page import headline_comparisons
+
+    def page_with(trades_correct_runs: list[int], trades_clean: float, cost=None) -> str:
+        benchmark = with_headline()
+        benchmark["headline"]["trades"] = headline_result(0.6, trades_clean, trades_correct_runs,
+                                                          {"apgd-eot": 40})
+        benchmark["headline_paired"] = headline_comparisons(benchmark["headline"])
+        if cost is not None:
+            benchmark["clean_cost"] = {"standard": cost}
+        return benchmark_page(benchmark)
+
+    tied = page_with([5] * 60 + [0] * 40, 0.85)
+    assert "- ours non-inferior to trades (3-point margin): met (+0.0 points; one-sided 95% " \
+           "lower bound +0.0" in tied
+    assert "- ours clean accuracy at least 4 points above trades: met (+5.0 points)." in tied
+    assert "- ours worst of R within 8 points of its mean: met (5.0 points below)." in tied
+    assert "- clean cost at most 4 points against the bare classifier: not measured" in tied
+    cost = {"n": 10000, "bare": 0.924, "purified": 0.846,
+            "cost": {"difference": 0.078, "ci95": [0.071, 0.085], "p_value": 0.0,
+                     "samples": 10000, "mcnemar": {"only_first": 900, "only_second": 120,
+                                                   "p_value": 1e-150}}}
+    behind = page_with([5] * 70 + [0] * 30, 0.88, cost)
+    assert "- ours non-inferior to trades (3-point margin): missed (-10.0 points;" in behind
+    assert "- ours clean accuracy at least 4 points above trades: missed (+2.0 points)." in behind
+    assert "- clean cost at most 4 points against the bare classifier: missed (7.8 points on " \
+           "10000 test images)." in behind
+    assert "| standard | 10000 | 92.4 | 84.6 | 7.8 [7.1, 8.5] | 1e-150 |" in behind
+    assert "non-inferior" not in benchmark_page(synthetic_benchmark(0.6, 0.9))
+
+
+def test_unseen_classifier_rows_are_not_rivals_of_ours() -> None:
+    """ours-NAME (ours in front of an unseen classifier) is the same purifier: "ours beats every
+    other defence" compares ours with the other defences only."""
+    benchmark = synthetic_benchmark(ours_robust=0.62, ours_clean=0.90)
+    benchmark["report"]["records"] += [record(model, attack, 0.9, robust)
+                                       for model, robust in (("ours-mob", 0.8), ("mob", 0.01))
+                                       for attack in ("pgd-eot", "bpda-eot")]
+    benchmark["costs"].update({"ours-mob": {"nfe": 10, "images_per_s": 3.0},
+                               "mob": {"nfe": 0, "images_per_s": 9.0}})
+    assert "beats every other defence under pgd-eot: missed (62.0 vs ours-mob" in \
+        benchmark_page(benchmark)
+    benchmark["unseen"] = ["mob"]
+    page = benchmark_page(benchmark)
+    assert "beats every other defence under pgd-eot: met (62.0 vs diffpure 55.0" in page
+    assert "| ours-mob | 10 |" in page
+
+
+def test_unseen_classifiers_get_their_rows_pairs_and_clean_cost(tmp_path: Path) -> None:
+    """--unseen NAME=CLASSIFIER adds NAME and ours-NAME, paired with each other under the
+    primary and on the headline; --clean-n measures their clean cost apart."""
+    output, docs = tmp_path / "run", tmp_path / "page.md"
+    benchmark_main(["--n", "2", "--batch-size", "2", "--runs", "2", "--pgd-steps", "1",
+                    "--eot", "1", "--defences", "undefended", "--attacks", "primary",
+                    "--primary", "apgd-eot", "--unseen", "robust=fashion-mnist-resnet18-trades",
+                    "--headline-attacks", "transfer:steps=1,eps=0.1",
+                    "apgd-eot:steps=1,eot=1,eps=0.1", "--clean-n", "4",
+                    "--output-dir", str(output), "--docs", str(docs), "--threads", "1"])
+    benchmark = json.loads((output / "benchmark.json").read_text())
+    assert list(benchmark["costs"]) == ["undefended", "robust", "ours-robust"]
+    assert benchmark["unseen"] == ["robust"]
+    assert "never saw (timm resnet18), alone" in benchmark["descriptions"]["robust"]
+    assert [(item["first"], item["second"]) for item in benchmark["paired"]] == \
+        [("ours-robust", "robust")]
+    assert [(item["first"], item["second"]) for item in benchmark["headline_paired"]] == \
+        [("ours-robust", "robust")]
+    [(name, figures)] = benchmark["clean_cost"].items()  # no ours: no "standard" pair
+    assert name == "robust" and figures["n"] == 4
+    page = docs.read_text()
+    assert "| ours-robust vs robust |" in page and "| robust | 4 |" in page
+    with pytest.raises(SystemExit):
+        benchmark_main(["--unseen", "ours=fashion-mnist-resnet18"])
