@@ -529,9 +529,24 @@ def benchmark_page(benchmark: dict[str, Any]) -> str:
               "## Results", "", *headline_section(benchmark), *results_section(benchmark), "",
               *paired_section(benchmark), *attack_paired_section(benchmark),
               "## Targets", "", *targets_section(benchmark), "",
+              *fronts_page_section(benchmark),
               "## Sanity checks", "", *sanity_section(report, primary(benchmark)), "",
               *figures_section(benchmark), FOOTER, ""]
     return "\n".join(lines)
+
+
+def fronts_page_section(benchmark: dict[str, Any]) -> list[str]:
+    """The two clean/robust fronts (benchmarks/fronts.py's JSON, attached by --fronts), measured
+    on held-out images where the settings were chosen; none without it."""
+    if "fronts" not in benchmark:
+        return []
+    from fronts import fronts_section
+
+    return ["## The front, not a point", "",
+            ("TRADES over its trade-off beta against ours over its own settings (guidance scale, "
+             "t*, class term, votes), on the held-out images where the settings were chosen, not "
+             "on the test images above."), "",
+            *fronts_section(benchmark["fronts"]), ""]
 
 
 # The CIFAR-10 page (benchmarks/cifar10.py): the sections above, its setting and its

@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--docs", default="docs/benchmarks.md", help="the page to write")
     parser.add_argument("--from-json", metavar="BENCHMARK_JSON",
                         help="only rewrite the page from an earlier run's benchmark.json")
+    parser.add_argument("--fronts", metavar="FRONTS_JSON",
+                        help="fronts.json of benchmarks/fronts.py (the clean/robust fronts of "
+                        "TRADES and of ours, on held-out images): kept in benchmark.json and "
+                        "shown on the page, with --from-json too")
     return parser
 
 
@@ -564,12 +568,25 @@ def main(argv: list[str] | None = None) -> None:
             unseen_sources(args)
         except SystemExit as error:
             parser.error(str(error))
+    fronts = None
+    if args.fronts:  # checked before the run, attached after it
+        try:
+            fronts = read_json(args.fronts, "fronts file")
+        except (OSError, ValueError) as error:
+            parser.error(f"--fronts: {error}")
+        if "verdict" not in fronts or "points" not in fronts:
+            parser.error(f"--fronts {args.fronts}: not a fronts.json of benchmarks/fronts.py "
+                         "(no 'points' and 'verdict')")
     if args.from_json:
         benchmark = read_json(args.from_json, "benchmark results file")
+        if fronts is not None:
+            benchmark["fronts"] = fronts
     else:
         benchmark = run(args)
         if not PartialState().is_main_process:  # under `accelerate launch`: one writer
             return
+        if fronts is not None:
+            benchmark["fronts"] = fronts
         path = Path(args.output_dir) / "benchmark.json"
         write_json(path, benchmark)
         print(f"wrote {path}")

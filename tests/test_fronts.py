@@ -201,7 +201,7 @@ def test_a_tiny_run_writes_the_fronts_and_the_picture(tmp_path):
     result = fronts.main([
         "--sweeps", sweep, "--trades", "beta6=fashion-mnist-resnet18-trades",
         "beta0=fashion-mnist-resnet18", "--output-dir", str(tmp_path / "fronts"),
-        "--threads", "1", "--batch-size", "4"])
+        "--threads", "1", "--batch-size", "4", "--picture", str(tmp_path / "page.png")])
     written = json.loads((tmp_path / "fronts" / "fronts.json").read_text())
     assert written == json.loads(json.dumps(result))
     assert [(item["family"], item["label"]) for item in written["points"]] == [
@@ -213,3 +213,28 @@ def test_a_tiny_run_writes_the_fronts_and_the_picture(tmp_path):
     assert written["verdict"].startswith("ours lies above the TRADES front at ")
     assert all("verdict" in item for item in written["points"] if item["family"] == "ours")
     assert (tmp_path / "fronts" / "fronts.png").stat().st_size > 0
+    assert (tmp_path / "page.png").stat().st_size > 0
+
+
+def test_the_benchmark_page_shows_fronts_attached_to_its_json(tmp_path):
+    """fashion_mnist.py --from-json BENCHMARK --fronts FRONTS puts the fronts on the page (and
+    refuses a file that is not a fronts.json, naming the option)."""
+    from fashion_mnist import main as benchmark_main
+
+    trades = [at("beta6", 0.80, 0.60, family="trades"), at("beta0", 0.90, 0.00, family="trades")]
+    result = fronts.fronts([at("scale=800", 0.85, 0.50)], trades) | {
+        "attack": parse_attack(TINY_ATTACK).to_dict(), "n": 1000, "seed": 0,
+        "held_out": {"size": 5000, "seed": 0}}
+    (tmp_path / "fronts.json").write_text(json.dumps(result))
+    published = ROOT / "benchmarks" / "results" / "fashion_mnist.json"
+    page = tmp_path / "page.md"
+    benchmark_main(["--from-json", str(published), "--fronts", str(tmp_path / "fronts.json"),
+                    "--docs", str(page)])
+    text = page.read_text()
+    assert "## The front, not a point" in text
+    assert text.index("## The front, not a point") < text.index("## Sanity checks")
+    assert "(images/fronts-fashion-mnist.png)" in text and "| ours | scale=800 |" in text
+    (tmp_path / "other.json").write_text(json.dumps({"points": []}))
+    with pytest.raises(SystemExit):
+        benchmark_main(["--from-json", str(published), "--fronts", str(tmp_path / "other.json"),
+                        "--docs", str(page)])
