@@ -392,3 +392,14 @@ def test_unseen_classifiers_get_their_rows_pairs_and_clean_cost(tmp_path: Path) 
     assert "| ours-robust vs robust |" in page and "| robust | 4 |" in page
     with pytest.raises(SystemExit):
         benchmark_main(["--unseen", "ours=fashion-mnist-resnet18"])
+
+
+def test_a_high_eot_headline_keeps_a_low_eot_run_beside_it() -> None:
+    args = build_parser().parse_args(["--pgd-steps", "20", "--eot", "8", "--aa-steps", "10"])
+    specs = {spec.label: spec for spec in headline_specs(args)}
+    assert list(specs) == ["transfer", "transfer-guidance", "feature-guidance",
+                           "autoattack-rand", "apgd-eot-eot2", "apgd-eot", "apgd-eot-smooth"]
+    assert (specs["apgd-eot-eot2"].steps, specs["apgd-eot-eot2"].eot) == (20, 2)
+    assert specs["apgd-eot"].eot == 8
+    low = build_parser().parse_args(["--pgd-steps", "20", "--eot", "2"])
+    assert "apgd-eot-eot2" not in [spec.label for spec in headline_specs(low)]
