@@ -24,7 +24,10 @@ output-dir/fronts.png (clean accuracy across, robust accuracy up, error bars bot
 front as a line). The verdict, per point of ours: above the TRADES front when its robust
 accuracy exceeds the front's, linearly interpolated at its clean accuracy; "above, beyond the
 intervals" when its lower robust bound also exceeds the front's interpolated upper bound; no
-verdict outside the TRADES front's clean range (nothing is extrapolated). fronts_section()
+verdict outside the TRADES front's clean range (nothing is extrapolated). A second verdict
+judges the worst of R (the share of images robust in every purification: what an attacker who
+may resubmit leaves) against the TRADES front's worst case, interpolated the same way (a TRADES
+classifier is deterministic, so its worst case is its robust accuracy). fronts_section()
 renders the same as Markdown for a benchmark page.
 """
 
@@ -47,6 +50,7 @@ SAME_MEASUREMENT = ("n", "seed", "held_out")
 AS_SAVED = "as-saved"  # choose_settings.py's label of the centre without --base
 ABOVE_BEYOND = "above, beyond the intervals"
 ABOVE_WITHIN = "above, within the intervals"
+ABOVE = "above"
 ON = "on the TRADES front"
 BELOW = "below"
 OUTSIDE = "outside the TRADES front's clean range"
@@ -305,14 +309,19 @@ def verdict(ours: dict[str, Any], trades_front: list[dict[str, Any]]) -> dict[st
     front_robust = front_at(trades_front, clean, "robust_accuracy")
     if front_robust is None:
         return {"verdict": OUTSIDE, "trades_front_robust": None,
-                "trades_front_robust_upper": None}
+                "trades_front_robust_upper": None, "worst_case_verdict": OUTSIDE,
+                "trades_front_worst_case": None}
     front_upper = front_at(trades_front, clean, "robust_upper")
     if ours["robust_accuracy"] > front_robust:
         place = ABOVE_BEYOND if ours["robust_ci95"][0] > front_upper else ABOVE_WITHIN
     else:
         place = ON if ours["robust_accuracy"] == front_robust else BELOW
+    front_worst = front_at(trades_front, clean, "robust_worst_case")
+    worst = ours["robust_worst_case"]
+    worst_place = ABOVE if worst > front_worst else ON if worst == front_worst else BELOW
     return {"verdict": place, "trades_front_robust": front_robust,
-            "trades_front_robust_upper": front_upper}
+            "trades_front_robust_upper": front_upper, "worst_case_verdict": worst_place,
+            "trades_front_worst_case": front_worst}
 
 
 def statement(ours: list[dict[str, Any]]) -> str:
@@ -328,6 +337,11 @@ def statement(ours: list[dict[str, Any]]) -> str:
     if outside:
         line += (f"; {outside} {'lies' if outside == 1 else 'lie'} outside the TRADES front's "
                  "clean range")
+    worst_above = [item["label"] for item in ours if item["worst_case_verdict"] == ABOVE]
+    line += (f"; judged by the worst of R (an attacker who may resubmit), at "
+             f"{len(worst_above)} of {len(ours)}")
+    if worst_above:
+        line += f" ({', '.join(worst_above)})"
     return line
 
 
@@ -361,12 +375,13 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
     """family, setting, clean % [CI], robust % [CI], worst %, front, verdict: one row a point."""
     return [[item["family"], item["label"], interval(item, "clean_accuracy"),
              interval(item, "robust_accuracy"), percent(item["robust_worst_case"]),
-             "yes" if item["on_front"] else "", item.get("verdict", "")]
+             "yes" if item["on_front"] else "", item.get("verdict", ""),
+             item.get("worst_case_verdict", "")]
             for item in result["points"]]
 
 
 TABLE_HEADER = ["family", "setting", "clean % [95% CI]", "robust % [95% CI]", "worst %",
-                "on its front", "against the TRADES front"]
+                "on its front", "against the TRADES front", "worst % against its worst %"]
 
 
 def measurement_line(result: dict[str, Any]) -> str:
@@ -387,7 +402,9 @@ def fronts_section(fronts: dict, picture: str = DEFAULT_PICTURE) -> list[str]:
         (f"Measured with {measurement_line(fronts)}; 95% Wilson intervals on {fronts['n']} "
          "images. A point of ours is above the TRADES front when its robust accuracy exceeds "
          "the front's, interpolated linearly at its clean accuracy, and above beyond the "
-         "intervals when its lower bound exceeds the front's interpolated upper bound."),
+         "intervals when its lower bound exceeds the front's interpolated upper bound. The last "
+         "column compares its worst of R (robust in every purification: what an attacker who "
+         "may resubmit leaves) with the front's worst case the same way."),
         "",
         "| " + " | ".join(TABLE_HEADER) + " |",
         "|" + "---|" * len(TABLE_HEADER),
@@ -422,8 +439,18 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         for item in points:
             axes.annotate(item["label"], (item["clean_accuracy"], item["robust_accuracy"]),
                           textcoords="offset points", xytext=(4, 4), fontsize=6, color=colour)
+    resubmitted = [item for item in result["points"]
+                   if item["robust_worst_case"] < item["robust_accuracy"]]
+    for item in resubmitted:
+        axes.plot([item["clean_accuracy"]] * 2,
+                  [item["robust_accuracy"], item["robust_worst_case"]],
+                  color="tab:gray", linewidth=0.6, linestyle=":")
+    if resubmitted:
+        axes.plot([item["clean_accuracy"] for item in resubmitted],
+                  [item["robust_worst_case"] for item in resubmitted], "o", color="tab:gray",
+                  markerfacecolor="none", label="worst of R (an attacker who resubmits)")
     axes.set_xlabel("clean accuracy (held-out)")
-    axes.set_ylabel("robust accuracy (mean over R)")
+    axes.set_ylabel("robust accuracy (mean over R; hollow: worst of R)")
     axes.set_title(measurement_line(result), fontsize=7)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)

@@ -20,8 +20,10 @@ from benchmark_page import named_classifiers
 TINY_ATTACK = "pgd:steps=1,eot=1,eps=0.1"
 
 
-def at(label: str, clean: float, robust: float, n: int = 1000, family: str = "ours") -> dict:
-    return fronts.point(family, label, clean, robust, robust, n, 1, "hand-made")
+def at(label: str, clean: float, robust: float, n: int = 1000, family: str = "ours",
+       worst: float | None = None) -> dict:
+    worst = robust if worst is None else worst
+    return fronts.point(family, label, clean, robust, worst, n, 1, "hand-made")
 
 
 def trades_front(n: int = 1000) -> list[dict]:
@@ -77,7 +79,9 @@ def test_the_intervals_decide_beyond_on_few_images():
 def test_no_verdict_is_extrapolated_beyond_the_trades_clean_range(clean):
     result = fronts.verdict(at("outside", clean, 0.99), trades_front())
     assert result == {"verdict": "outside the TRADES front's clean range",
-                      "trades_front_robust": None, "trades_front_robust_upper": None}
+                      "trades_front_robust": None, "trades_front_robust_upper": None,
+                      "worst_case_verdict": "outside the TRADES front's clean range",
+                      "trades_front_worst_case": None}
 
 
 def test_the_statement_says_where_ours_is_above_and_what_lies_outside():
@@ -87,13 +91,26 @@ def test_the_statement_says_where_ours_is_above_and_what_lies_outside():
     result = fronts.fronts(ours, trades)
     assert result["verdict"] == (
         "ours lies above the TRADES front at 2 of 4 settings (scale=800, t_star=100; 1 beyond "
-        "the intervals: scale=800); 1 lies outside the TRADES front's clean range")
+        "the intervals: scale=800); 1 lies outside the TRADES front's clean range; judged by "
+        "the worst of R (an attacker who may resubmit), at 2 of 4 (scale=800, t_star=100)")
     assert result["fronts"] == {"ours": ["t_star=400", "scale=800"],
                                 "trades": ["beta6", "beta0"]}
     assert [item["on_front"] for item in result["points"]] == [True, False, False, True,
                                                                 True, True]
-    assert fronts.statement([at("a", 0.85, 0.1) | {"verdict": "below"}]) == (
-        "ours lies above the TRADES front at 0 of 1 settings")
+    assert fronts.statement([at("a", 0.85, 0.1) | {"verdict": "below",
+                                                    "worst_case_verdict": "below"}]) == (
+        "ours lies above the TRADES front at 0 of 1 settings; judged by the worst of R (an "
+        "attacker who may resubmit), at 0 of 1")
+
+
+def test_the_worst_case_verdict_judges_the_worst_of_r_against_the_fronts_worst_case():
+    """Above on the mean, below on the worst of R: a randomised defence that resubmission beats."""
+    resubmitted = fronts.verdict(at("vote", 0.82, 0.60, worst=0.45), trades_front())
+    assert resubmitted["verdict"] == "above, beyond the intervals"
+    assert resubmitted["trades_front_worst_case"] == pytest.approx(0.52)
+    assert resubmitted["worst_case_verdict"] == "below"
+    assert fronts.verdict(at("fixed", 0.82, 0.60, worst=0.55),
+                          trades_front())["worst_case_verdict"] == "above"
 
 
 def test_a_point_carries_its_wilson_intervals():
@@ -190,7 +207,8 @@ def test_the_markdown_section_has_the_picture_the_table_and_the_statement():
     assert lines[0].endswith("(images/fronts.png)")
     assert "| ours | scale=800 | 85.0 [82.7, 87.1] |" in "\n".join(lines)
     assert lines[-1] == ("**Ours lies above the TRADES front at 1 of 1 settings (scale=800; 1 "
-                         "beyond the intervals: scale=800).**")
+                         "beyond the intervals: scale=800); judged by the worst of R (an "
+                         "attacker who may resubmit), at 1 of 1 (scale=800).**")
 
 
 @pytest.mark.slow
