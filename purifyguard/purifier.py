@@ -92,6 +92,16 @@ class Purifier(PurifierHubMixin, nn.Module):
                              f"{type(guidance_network).__name__}")
         return self._sharing_denoiser(guidance_network, changes)
 
+    def with_denoiser(self, unet: UNet2DModel, **changes: Any) -> Purifier:
+        """A purifier with another denoiser (a longer-trained one, e.g. from `purifyguard train
+        diffusion --init-from`) and this one's noise schedule, guidance network and settings;
+        `changes` as in with_settings. The denoiser must read this purifier's resolution and
+        channels (ValueError otherwise) and have been trained on its noise schedule."""
+        if not isinstance(unet, UNet2DModel):
+            raise ValueError(f"unet must be a diffusers UNet2DModel, got {type(unet).__name__}")
+        return Purifier(unet, self.schedule.scheduler_config, self.guidance_network,
+                        self.current_config().replace(**changes))
+
     def _sharing_denoiser(self, guidance_network: nn.Module | None,
                           changes: dict[str, Any]) -> Purifier:
         """This purifier's denoiser (compiled or not) and settings, with `changes` and the given

@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_guidance_network
+from conftest import make_guidance_network, make_unet
+from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention
 
 from purifyguard.config import GUIDANCE_MODES, SAMPLERS
@@ -256,6 +257,25 @@ def test_adversarial_guidance_keeps_the_latent_representation_closer_to_the_inpu
     distance = feature_distance(adversarial.purify(images, seed=0))
     assert (distance < baseline).all(), (distance, baseline)
     assert distance.mean() < 0.5 * baseline.mean(), (distance, baseline)
+
+
+def test_another_denoiser_keeps_the_schedule_the_guidance_and_the_settings(make_purifier,
+                                                                          images):
+    purifier = guided(make_purifier, "adversarial", sampler="ddim", n_steps=3)
+    longer_trained = make_unet(seed=7)
+    swapped = purifier.with_denoiser(longer_trained, n_steps=2)
+    assert swapped.unet is longer_trained and swapped.guidance_network is purifier.guidance_network
+    assert swapped.config.replace(n_steps=3) == purifier.config
+    assert swapped.schedule.scheduler_config == purifier.schedule.scheduler_config
+    assert not torch.equal(swapped.purify(images, seed=0), purifier.purify(images, seed=0))
+    with pytest.raises(ValueError, match="unet must be a diffusers UNet2DModel, got str"):
+        purifier.with_denoiser("fashion-mnist-ddpm")
+    larger_images = UNet2DModel(sample_size=32, in_channels=1, out_channels=1,
+                                block_out_channels=(8, 8), norm_num_groups=4,
+                                down_block_types=("DownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "UpBlock2D"))
+    with pytest.raises(ValueError, match="config.resolution=28 contradicts the denoiser"):
+        purifier.with_denoiser(larger_images)
 
 
 def test_another_guidance_network_keeps_the_denoiser_and_the_settings(make_purifier, images):
