@@ -45,13 +45,12 @@ timeout "$BUDGET_HEADLINE" python benchmarks/fashion_mnist.py --data-root "$DATA
 echo "benchmark: exit $? (124: cut at its budget, resumable)"
 
 # 2. the TRADES front: beta 3 (the bundled TRADES recipe, another beta; beta 1 is finished)
-for BETA in 3; do
-    RUN=$(resume_into "trades-beta$BETA")
-    timeout "$BUDGET_TRADES" purifyguard train guidance --data-root "$DATA" --model resnet18 \
-        --model-kwargs '{"channels": [16, 32, 64, 128], "output_stride": 8}' --augment \
-        --eps 0.1 --beta "$BETA" --pgd-steps 10 --steps "$TRADES_STEPS" --batch-size 128 \
-        --lr 0.1 --seed 0 --validation-size 5000 --validation-seed 0 \
-        --validation-images "$VALIDATION" --validation-attack-steps 10 --checkpoint-every 200 \
-        --log-every 50 --no-progress --resume --output-dir "$RUN" > "$OUT/trades-beta$BETA.log" 2>&1
-    echo "trades beta $BETA: exit $? (124: cut at its budget, resumable)"
-done
+BETA=3
+RUN=$(resume_into "trades-beta$BETA")
+timeout "$BUDGET_TRADES" purifyguard train guidance --data-root "$DATA" --model resnet18 \
+    --model-kwargs '{"channels": [16, 32, 64, 128], "output_stride": 8}' --augment \
+    --eps 0.1 --beta "$BETA" --pgd-steps 10 --steps "$TRADES_STEPS" --batch-size 128 \
+    --lr 0.1 --seed 0 --validation-size 5000 --validation-seed 0 \
+    --validation-images "$VALIDATION" --validation-attack-steps 10 --checkpoint-every 200 \
+    --log-every 50 --no-progress --resume --output-dir "$RUN" > "$OUT/trades-beta$BETA.log" 2>&1
+echo "trades beta $BETA: exit $? (124: cut at its budget, resumable)"
