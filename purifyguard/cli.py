@@ -1,4 +1,4 @@
-"""The purifyguard command line: demo, train, evaluate, compare, list.
+"""The purifyguard command line: demo, train, evaluate, compare, merge, list.
 
 Building the options imports no model code: torch, timm, diffusers and torchattacks load when a
 command runs, so `purifyguard --help`, `purifyguard <command> --help` and `purifyguard list`
@@ -18,6 +18,20 @@ LIST_DESCRIPTION = """\
 The registered purifiers, one a line: name, "(default)" where it is the default for classifiers
 of its input shape, channels x height x width, and what it is. Any of these names goes to
 --purifier and to PurifiedModel(classifier, purifier=NAME)."""
+
+MERGE_DESCRIPTION = """\
+Merge the output folders of one evaluation that ran in parts into one folder: the same images,
+seed, batch size and runs, different defences in each part (evaluate_models with some of the
+models each, in parallel processes or on several machines). The finished batches, each
+defence's headline state, the EOT alignment and the adversarial images are copied; rerunning
+the evaluation on the merged folder with every defence then attacks nothing a part finished,
+and writes the report, the paired tests and the pictures of the whole.
+
+  purifyguard merge part-ours part-baselines --into whole
+
+Folders run with other settings (their run.json) are refused, and so are two parts holding one
+file with different contents (one defence evaluated in both). A part still running is refused:
+merge again when it has finished, or stopped; a second merge replaces what the first copied."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -80,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation_cli.add_arguments(compare_parser, "compare")
     for long_command in (demo_parser, evaluate_parser, compare_parser):
         add_threads_argument(long_command)
+    merge_parser = commands.add_parser(
+        "merge", formatter_class=HelpFormatter, description=MERGE_DESCRIPTION,
+        help="merge output folders of one evaluation run in parts (one defence each, say)")
+    merge_parser.add_argument("sources", nargs="+", metavar="SOURCE",
+                              help="output folders of `evaluate`/`compare` (--output-dir)")
+    merge_parser.add_argument("--into", required=True, metavar="FOLDER",
+                              help="the folder to merge into (made if missing)")
     commands.add_parser("list", formatter_class=HelpFormatter, description=LIST_DESCRIPTION,
                         help="the registered purifiers")
     return parser
@@ -106,8 +127,18 @@ def main(argv: list[str] | None = None) -> None:
         from purifyguard.evaluation import cli as evaluation_cli
 
         _run_reporting_errors(args, evaluation_cli.run)
+    elif args.command == "merge":
+        _run_reporting_errors(args, _merge)
     elif args.command == "list":
         _print_purifiers()
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from purifyguard.evaluation.merge import merge_outputs
+
+    result = merge_outputs(args.sources, args.into)
+    print(f"merged {len(result['sources'])} folders into {result['into']} ({result['files']} "
+          "files); rerun the evaluation there with every defence to write its report")
 
 
 def _print_purifiers() -> None:

@@ -28,6 +28,7 @@ _EXPORTS = {
     "headline": "purifyguard.evaluation.headline",
     "headline_markdown": "purifyguard.evaluation.headline",
     "markdown_table": "purifyguard.evaluation.report",
+    "merge_outputs": "purifyguard.evaluation.merge",
     "parse_attack": "purifyguard.evaluation.attacks",
     "register_attack": "purifyguard.evaluation.attack_registry",
     "registered_attacks": "purifyguard.evaluation.attack_registry",
@@ -48,6 +49,7 @@ __all__ = [
     "headline",
     "headline_markdown",
     "markdown_table",
+    "merge_outputs",
     "parse_attack",
     "register_attack",
     "registered_attacks",
@@ -67,6 +69,7 @@ if TYPE_CHECKING:  # what type checkers, IDEs and the API docs see
         run_sanity_checks,
     )
     from purifyguard.evaluation.headline import headline, headline_markdown
+    from purifyguard.evaluation.merge import merge_outputs
     from purifyguard.evaluation.report import markdown_table, validate_report
     from purifyguard.evaluation.stats import wilson_interval
 
