@@ -154,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapted", default=None,
                         help="registered name, folder or Hub id of the adapted purifier (the "
                         "ours-adapted row; left out without it)")
-    parser.add_argument("--defences", nargs="+", choices=list(DEFENCES),
-                        default=list(DEFENCES) if reference else CPU_DEFAULT)
+    parser.add_argument("--defences", nargs="*", choices=list(DEFENCES),
+                        default=list(DEFENCES) if reference else CPU_DEFAULT,
+                        help="the defences to run; none (the option alone) with --unseen runs "
+                        "only the unseen rows: a part of a run split across processes, merged "
+                        "with `purifyguard merge`")
     parser.add_argument("--unseen", nargs="+", default=[], metavar="NAME=CLASSIFIER",
                         help="standard classifiers the purifier never saw (a classifier folder "
                         "or a bundled name): each adds the rows NAME (alone) and ours-NAME (ours "
@@ -576,6 +579,8 @@ def main(argv: list[str] | None = None) -> None:
             unseen_sources(args)
         except SystemExit as error:
             parser.error(str(error))
+        if not args.defences and not args.unseen:
+            parser.error("--defences: give at least one defence, or --unseen classifiers")
     fronts = None
     if args.fronts:  # checked before the run, attached after it
         try:

@@ -394,6 +394,38 @@ def test_unseen_classifiers_get_their_rows_pairs_and_clean_cost(tmp_path: Path) 
         benchmark_main(["--unseen", "ours=fashion-mnist-resnet18"])
 
 
+def test_a_benchmark_run_in_parts_merges_into_the_run_of_the_whole(tmp_path: Path) -> None:
+    """Parts with some defences each (--defences alone: only the --unseen rows), merged with
+    merge_outputs: the whole run attacks nothing again and holds every row and pair."""
+    from purifyguard.evaluation import merge_outputs
+
+    common = ["--n", "2", "--batch-size", "2", "--runs", "2", "--pgd-steps", "1", "--eot", "1",
+              "--attacks", "primary", "--primary", "apgd-eot", "--headline-attacks",
+              "transfer:steps=1,eps=0.1", "apgd-eot:steps=1,eot=1,eps=0.1", "--threads", "1",
+              "--docs", str(tmp_path / "page.md")]
+    unseen = ["--unseen", "robust=fashion-mnist-resnet18-trades"]
+    benchmark_main([*common, "--defences", "undefended", "--output-dir", str(tmp_path / "a")])
+    benchmark_main([*common, "--defences", *unseen, "--output-dir", str(tmp_path / "b")])
+    part = json.loads((tmp_path / "b" / "benchmark.json").read_text())
+    assert list(part["costs"]) == ["robust", "ours-robust"]
+
+    merge_outputs([tmp_path / "a", tmp_path / "b"], tmp_path / "whole")
+    stored = {path.name: path.read_text() for path in (tmp_path / "whole").glob("batches-*")}
+    benchmark_main([*common, "--defences", "undefended", *unseen,
+                    "--output-dir", str(tmp_path / "whole")])
+    assert {path.name: path.read_text()
+            for path in (tmp_path / "whole").glob("batches-*")} == stored  # nothing ran again
+    whole = json.loads((tmp_path / "whole" / "benchmark.json").read_text())
+    assert list(whole["headline"]) == ["undefended", "robust", "ours-robust"]
+    for name in ("robust", "ours-robust"):  # the parts' headline state, judged again alike
+        assert whole["headline"][name]["robust_accuracy"] == \
+            part["headline"][name]["robust_accuracy"]
+    assert [(item["first"], item["second"]) for item in whole["paired"]] == \
+        [("ours-robust", "robust")]
+    with pytest.raises(SystemExit):
+        benchmark_main(["--defences", "--output-dir", str(tmp_path / "c")])
+
+
 def test_a_high_eot_headline_keeps_a_low_eot_run_beside_it() -> None:
     args = build_parser().parse_args(["--pgd-steps", "20", "--eot", "8", "--aa-steps", "10"])
     specs = {spec.label: spec for spec in headline_specs(args)}
