@@ -78,6 +78,7 @@ from purifyguard.evaluation import evaluate_models
 from purifyguard.evaluation.attacks import AttackSpec
 from purifyguard.evaluation.seeds import derive_seed
 from purifyguard.files import read_json, write_atomic, write_json
+from purifyguard.provenance import portable_command
 
 
 @dataclass(frozen=True)
@@ -392,9 +393,10 @@ def most_robust_scale(rows: list[dict[str, Any]]) -> float:
 
 
 def run(args: argparse.Namespace, test: tuple[torch.Tensor, torch.Tensor, str],
-        held_out: tuple[Any, str] | None) -> dict:
+        held_out: tuple[Any, str] | None, command: str) -> dict:
     """The sweep (when several scales are given), then every defence on the test images, then
-    the headline; benchmark.json's content."""
+    the headline; benchmark.json's content (command: the command line as recorded, without the
+    machine's folders)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     images, labels, data_name = test
@@ -413,7 +415,7 @@ def run(args: argparse.Namespace, test: tuple[torch.Tensor, torch.Tensor, str],
         sanity=args.sanity, sanity_n=args.sanity_n, progress=not args.tiny,
     )
     benchmark = {
-        "command": "python benchmarks/cifar10.py " + shlex.join(sys.argv[1:]),
+        "command": command,
         "budget": args.budget, "data": data_name, "norm": args.norm, "primary": PRIMARY,
         "hardware": hardware(), "date": time.strftime("%Y-%m-%d"),
         "settings": {"recipe": THREATS[args.norm][2],
@@ -441,7 +443,8 @@ def main(argv: list[str] | None = None) -> None:
             held_out = held_out_images(args) if sweeping(args) else None
         except (ValueError, FileNotFoundError) as error:
             parser.error(str(error))
-        benchmark = run(args, test, held_out)
+        benchmark = run(args, test, held_out, portable_command(
+            "python benchmarks/cifar10.py " + shlex.join(sys.argv[1:] if argv is None else argv)))
         path = Path(args.output_dir) / "benchmark.json"
         write_json(path, benchmark)
         print(f"wrote {path}")

@@ -78,6 +78,7 @@ from purifyguard.evaluation import evaluate_models, headline
 from purifyguard.evaluation.attacks import AttackSpec, parse_attack
 from purifyguard.files import read_json, write_atomic, write_json
 from purifyguard.option_types import non_negative_float, non_negative_int, positive_int
+from purifyguard.provenance import portable_command
 from purifyguard.registry import load_purifier
 
 DEFENCES = {  # name: what it is, as the page says it
@@ -501,7 +502,9 @@ def hardware() -> str:
             f"torch threads, torch {torch.__version__}")
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, command: str) -> dict:
+    """Every defence on the test images, the clean cost and the headline; benchmark.json's
+    content (command: the command line as recorded, without the machine's folders)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     images, labels = test_images(args)
@@ -534,7 +537,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.output_dir and "ours" in defences:
         attack_paired = attacks_against_primary(args.output_dir, primary, attack_specs(args))
     benchmark = {
-        "command": "python benchmarks/fashion_mnist.py " + shlex.join(sys.argv[1:]),
+        "command": command,
         "primary": primary,
         "paired": paired,
         "attack_paired": attack_paired,
@@ -595,7 +598,9 @@ def main(argv: list[str] | None = None) -> None:
         if fronts is not None:
             benchmark["fronts"] = fronts
     else:
-        benchmark = run(args)
+        benchmark = run(args, portable_command(
+            "python benchmarks/fashion_mnist.py "
+            + shlex.join(sys.argv[1:] if argv is None else argv)))
         if not PartialState().is_main_process:  # under `accelerate launch`: one writer
             return
         if fronts is not None:

@@ -416,6 +416,7 @@ def test_a_benchmark_run_in_parts_merges_into_the_run_of_the_whole(tmp_path: Pat
     assert {path.name: path.read_text()
             for path in (tmp_path / "whole").glob("batches-*")} == stored  # nothing ran again
     whole = json.loads((tmp_path / "whole" / "benchmark.json").read_text())
+    assert str(tmp_path) not in whole["command"] and "<run folder>" in whole["command"]
     assert list(whole["headline"]) == ["undefended", "robust", "ours-robust"]
     for name in ("robust", "ours-robust"):  # the parts' headline state, judged again alike
         assert whole["headline"][name]["robust_accuracy"] == \

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The re-published Fashion-MNIST benchmark (issues 22 and 23) on a CPU, in parts that outlive a
+# working session: two queues of parts run side by side (one process and one torch thread each,
+# for a 2-core machine), every part resumable, stored in benchmark-state/fashion-mnist-<part>.
+# Run it from the repository root; stop it whenever the session ends (each part loses at most
+# its current batch) and commit benchmark-state/; the next session reruns the same command.
+#
+#   DATA=<fashion-mnist folder> bash scripts/benchmark_parts.sh          # go on with the parts
+#   DATA=<fashion-mnist folder> bash scripts/benchmark_parts.sh whole    # when all are done
+#   TINY=1 STATE=/tmp/parts DATA=<fashion-mnist folder> bash scripts/benchmark_parts.sh  # rehearse
+#
+# Each part runs its defences' primary attack, sanity checks and headline. `whole` merges the
+# parts (purifyguard merge) into $STATE/fashion-mnist-whole and runs the full benchmark there
+# with every defence: it attacks nothing again, adds the clean cost on the 10,000 test images and
+# the fronts, and writes docs/benchmarks.md.
+# TINY=1 runs the same steps at a size a CPU finishes in minutes; its figures mean nothing.
+set -u
+: "${DATA:?set DATA to a Fashion-MNIST folder}"
+STATE=${STATE:-benchmark-state}
+if [ -n "${TINY:-}" ]; then
+    SIZE=(--n 4 --runs 2 --pgd-steps 1 --aa-steps 1 --eot 1 --batch-size 2 --sanity-n 2)
+    FINAL=(--clean-n 8 --docs "$STATE/benchmarks.md")
+else
+    # the sanity checks on 16 images: on 32 they take over 2 CPU-hours for each purifier
+    SIZE=(--n 256 --runs 10 --pgd-steps 20 --aa-steps 10 --eot 8 --batch-size 32 --sanity-n 16)
+    FINAL=(--clean-n 10000 --docs docs/benchmarks.md)
+fi
+COMMON=(--data-root "$DATA" "${SIZE[@]}" --primary apgd-eot --attacks primary --seed 0
+        --sanity --threads 1 --fronts benchmarks/results/fronts-fashion-mnist.json)
+UNSEEN_STATE=training-state
+declare -A PARTS=(
+    [ours]="--defences ours"
+    [baselines]="--defences trades undefended diffpure"
+    [gdmp]="--defences gdmp"
+    [ours-trades]="--defences ours-trades-classifier"
+    [mobilenetv3]="--defences --unseen mobilenetv3=$UNSEEN_STATE/unseen-mobilenetv3/final"
+    [vit]="--defences --unseen vit=$UNSEEN_STATE/unseen-vit/final"
+    [regnet]="--defences --unseen regnet=$UNSEEN_STATE/unseen-regnet/final"
+)
+QUEUE_1=(ours ours-trades vit)                      # about 30 CPU-hours each queue
+QUEUE_2=(baselines gdmp mobilenetv3 regnet)
+
+run_part() {  # run_part NAME: the benchmark with that part's defences, into its own folder
+    local folder="$STATE/fashion-mnist-$1"
+    # shellcheck disable=SC2086  # the part's options split on purpose
+    python benchmarks/fashion_mnist.py "${COMMON[@]}" ${PARTS[$1]} --output-dir "$folder" \
+        --docs "$STATE/fashion-mnist-$1.md" > "$STATE/fashion-mnist-$1.log" 2>&1
+    echo "part $1: exit $?"
+}
+
+run_queue() {  # each part in turn; a finished part only judges its stored state again
+    for part in "$@"; do run_part "$part"; done
+}
+
+mkdir -p "$STATE"
+if [ "${1:-parts}" = whole ]; then
+    folders=()
+    for part in "${!PARTS[@]}"; do
+        [ -f "$STATE/fashion-mnist-$part/benchmark.json" ] \
+            || { echo "part $part has not finished: run the parts first"; exit 1; }
+        folders+=("$STATE/fashion-mnist-$part")
+    done
+    purifyguard merge "${folders[@]}" --into "$STATE/fashion-mnist-whole" || exit 1
+    python benchmarks/fashion_mnist.py "${COMMON[@]}" "${FINAL[@]}" \
+        --defences ours undefended trades diffpure gdmp ours-trades-classifier \
+        --unseen "mobilenetv3=$UNSEEN_STATE/unseen-mobilenetv3/final" \
+        "vit=$UNSEEN_STATE/unseen-vit/final" "regnet=$UNSEEN_STATE/unseen-regnet/final" \
+        --output-dir "$STATE/fashion-mnist-whole" > "$STATE/fashion-mnist-whole.log" 2>&1
+    echo "whole: exit $? (log: $STATE/fashion-mnist-whole.log)"
+else
+    run_queue "${QUEUE_1[@]}" &
+    run_queue "${QUEUE_2[@]}" &
+    wait
+fi
