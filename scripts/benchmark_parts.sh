@@ -9,6 +9,9 @@
 #   DATA=<fashion-mnist folder> bash scripts/benchmark_parts.sh whole    # when all are done
 #   TINY=1 STATE=/tmp/parts DATA=<fashion-mnist folder> bash scripts/benchmark_parts.sh  # rehearse
 #
+# DOCS=<file> writes the page of `whole` elsewhere than docs/benchmarks.md.
+# BUDGET=<seconds> stops every part at that deadline (timeout; what they stored is kept), so a
+# session can leave itself time to commit: BUDGET=7200 for two hours.
 # Each part runs its defences' primary attack, sanity checks and headline. `whole` merges the
 # parts (purifyguard merge) into $STATE/fashion-mnist-whole and runs the full benchmark there
 # with every defence: it attacks nothing again, adds the clean cost on the 10,000 test images and
@@ -23,7 +26,7 @@ if [ -n "${TINY:-}" ]; then
 else
     # the sanity checks on 16 images: on 32 they take over 2 CPU-hours for each purifier
     SIZE=(--n 256 --runs 10 --pgd-steps 20 --aa-steps 10 --eot 8 --batch-size 32 --sanity-n 16)
-    FINAL=(--clean-n 10000 --docs docs/benchmarks.md)
+    FINAL=(--clean-n 10000 --docs "${DOCS:-docs/benchmarks.md}")
 fi
 COMMON=(--data-root "$DATA" "${SIZE[@]}" --primary apgd-eot --attacks primary --seed 0
         --sanity --threads 1 --fronts benchmarks/results/fronts-fashion-mnist.json)
@@ -40,12 +43,21 @@ declare -A PARTS=(
 QUEUE_1=(ours ours-trades vit)                      # about 30 CPU-hours each queue
 QUEUE_2=(baselines gdmp mobilenetv3 regnet)
 
+DEADLINE=$(( $(date +%s) + ${BUDGET:-31536000} ))
+
 run_part() {  # run_part NAME: the benchmark with that part's defences, into its own folder
-    local folder="$STATE/fashion-mnist-$1"
+    local folder="$STATE/fashion-mnist-$1" left=$(( DEADLINE - $(date +%s) ))
+    [ "$left" -gt 0 ] || { echo "part $1: not started (BUDGET spent)"; return; }
     # shellcheck disable=SC2086  # the part's options split on purpose
-    python benchmarks/fashion_mnist.py "${COMMON[@]}" ${PARTS[$1]} --output-dir "$folder" \
-        --docs "$STATE/fashion-mnist-$1.md" > "$STATE/fashion-mnist-$1.log" 2>&1
-    echo "part $1: exit $?"
+    timeout "$left" python benchmarks/fashion_mnist.py "${COMMON[@]}" ${PARTS[$1]} \
+        --output-dir "$folder" --docs "$STATE/fashion-mnist-$1.md" \
+        >> "$STATE/fashion-mnist-$1.log" 2>&1
+    stopped "part $1" $?
+}
+
+stopped() {  # stopped WHAT STATUS: say how WHAT ended
+    if [ "$2" = 124 ]; then echo "$1: stopped at the BUDGET deadline (resumable)"
+    else echo "$1: exit $2"; fi
 }
 
 run_queue() {  # each part in turn; a finished part only judges its stored state again
@@ -61,12 +73,13 @@ if [ "${1:-parts}" = whole ]; then
         folders+=("$STATE/fashion-mnist-$part")
     done
     purifyguard merge "${folders[@]}" --into "$STATE/fashion-mnist-whole" || exit 1
-    python benchmarks/fashion_mnist.py "${COMMON[@]}" "${FINAL[@]}" \
+    timeout $(( DEADLINE - $(date +%s) )) python benchmarks/fashion_mnist.py "${COMMON[@]}" \
+        "${FINAL[@]}" \
         --defences ours undefended trades diffpure gdmp ours-trades-classifier \
         --unseen "mobilenetv3=$UNSEEN_STATE/unseen-mobilenetv3/final" \
         "vit=$UNSEEN_STATE/unseen-vit/final" "regnet=$UNSEEN_STATE/unseen-regnet/final" \
         --output-dir "$STATE/fashion-mnist-whole" > "$STATE/fashion-mnist-whole.log" 2>&1
-    echo "whole: exit $? (log: $STATE/fashion-mnist-whole.log)"
+    stopped "whole (log: $STATE/fashion-mnist-whole.log)" $?
 else
     run_queue "${QUEUE_1[@]}" &
     run_queue "${QUEUE_2[@]}" &

@@ -7,13 +7,15 @@
 #   TINY=1 OUT=/tmp/rehearsal DATA=<fashion-mnist folder> bash scripts/device_session.sh  # CPU
 #
 # STATE (default: OUT) holds the folders of earlier sessions to resume from: copy a returned
-# $OUT there (or into benchmark-state/) and pass STATE=<that folder>. Each step has a time
-# budget (seconds; BUDGET_HEADLINE, BUDGET_TRADES) and is cut there; what it stored comes back
-# and the next session goes on. TINY=1 runs the same steps at a size a CPU finishes in minutes,
+# $OUT there (or its fashion-mnist-* parts into benchmark-state/, which seeds any part STATE
+# lacks) and pass STATE=<that folder>. Each step has a time budget (seconds; BUDGET_HEADLINE,
+# BUDGET_WHOLE, BUDGET_TRADES) and is cut there; what it stored comes back and the next session
+# goes on. TINY=1 runs the same steps at a size a CPU finishes in minutes,
 # to check the script before spending device time; its figures mean nothing.
 #
-# 1. The re-published benchmark's rows (issues 22 and 23): benchmarks/fashion_mnist.py with the
-#    headline (apgd-eot primary, EOT 8 with EOT 2 beside, R = 10) on the first 256 test images.
+# 1. The re-published benchmark's rows (issues 22 and 23): scripts/benchmark_parts.sh, the seven
+#    parts the CPU runs too (apgd-eot primary 20 x EOT 8, sanity checks, the headline; R = 10, the
+#    first 256 test images), then, when all have finished, the whole run that writes the page.
 # 2. The TRADES front (issue 23 item 3): TRADES at beta 3, the bundled recipe otherwise (beta 1
 #    finished on the CPU: training-state/trades-beta1).
 set -u
@@ -21,11 +23,13 @@ set -u
 STATE=${STATE:-$OUT}
 mkdir -p "$OUT"
 if [ -n "${TINY:-}" ]; then
-    N=4; RUNS=2; STEPS=1; AA_STEPS=1; EOT=1; BATCH=4; TRADES_STEPS=4; VALIDATION=16
-    BUDGET_HEADLINE=${BUDGET_HEADLINE:-600}; BUDGET_TRADES=${BUDGET_TRADES:-120}
+    TRADES_STEPS=4; VALIDATION=16
+    BUDGET_HEADLINE=${BUDGET_HEADLINE:-900}; BUDGET_WHOLE=${BUDGET_WHOLE:-600}
+    BUDGET_TRADES=${BUDGET_TRADES:-120}
 else
-    N=256; RUNS=10; STEPS=20; AA_STEPS=10; EOT=8; BATCH=256; TRADES_STEPS=6000; VALIDATION=1000
-    BUDGET_HEADLINE=${BUDGET_HEADLINE:-300}; BUDGET_TRADES=${BUDGET_TRADES:-150}
+    TRADES_STEPS=6000; VALIDATION=1000
+    BUDGET_HEADLINE=${BUDGET_HEADLINE:-300}; BUDGET_WHOLE=${BUDGET_WHOLE:-120}
+    BUDGET_TRADES=${BUDGET_TRADES:-150}
 fi
 
 resume_into() {  # resume_into NAME: the run folder OUT/NAME, seeded from STATE/NAME once
@@ -35,14 +39,19 @@ resume_into() {  # resume_into NAME: the run folder OUT/NAME, seeded from STATE/
     echo "$OUT/$1"
 }
 
-# 1. the benchmark rows: ours first, then the defences it is compared with
-BENCHMARK=$(resume_into benchmark-fashion-mnist)
-timeout "$BUDGET_HEADLINE" python benchmarks/fashion_mnist.py --data-root "$DATA" --n "$N" \
-    --runs "$RUNS" --primary apgd-eot --attacks primary --pgd-steps "$STEPS" \
-    --aa-steps "$AA_STEPS" --eot "$EOT" --batch-size "$BATCH" \
-    --defences ours trades undefended diffpure --output-dir "$BENCHMARK" \
-    --docs "$OUT/benchmarks.md" > "$OUT/benchmark.log" 2>&1
-echo "benchmark: exit $? (124: cut at its budget, resumable)"
+# 1. the benchmark rows: the CPU's parts (scripts/benchmark_parts.sh, the same settings, so the
+#    state of either goes on on the other), seeded from the committed benchmark-state/ once
+for part in benchmark-state/fashion-mnist-*/; do
+    [ -d "$part" ] || continue
+    name=$(basename "$part")
+    [ -d "$OUT/$name" ] || cp -r "$STATE/$name" "$OUT/$name" 2>/dev/null \
+        || cp -r "$part" "$OUT/$name"
+done
+BUDGET=$BUDGET_HEADLINE STATE=$OUT bash scripts/benchmark_parts.sh > "$OUT/benchmark.log" 2>&1
+echo "benchmark parts: $(grep -c ': exit 0' "$OUT/benchmark.log") of 7 ran to the end"
+BUDGET=$BUDGET_WHOLE STATE=$OUT DOCS=$OUT/benchmarks.md bash scripts/benchmark_parts.sh whole \
+    >> "$OUT/benchmark.log" 2>&1
+tail -1 "$OUT/benchmark.log"
 
 # 2. the TRADES front: beta 3 (the bundled TRADES recipe, another beta; beta 1 is finished)
 BETA=3
