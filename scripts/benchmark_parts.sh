@@ -8,6 +8,7 @@
 #   DATA=<fashion-mnist folder> bash scripts/benchmark_parts.sh          # go on with the parts
 #   DATA=<fashion-mnist folder> bash scripts/benchmark_parts.sh whole    # when all are done
 #   TINY=1 STATE=/tmp/parts DATA=<fashion-mnist folder> bash scripts/benchmark_parts.sh  # rehearse
+#   python scripts/benchmark_parts_status.py        # where each part stands (runs beside them)
 #
 # DOCS=<file> writes the page of `whole` elsewhere than docs/benchmarks.md.
 # BUDGET=<seconds> stops every part at that deadline (timeout; what they stored is kept), so a
