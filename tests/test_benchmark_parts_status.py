@@ -12,7 +12,7 @@ from torch import nn
 from purifyguard.evaluation import evaluate_models, headline
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-from benchmark_parts_status import main  # noqa: E402
+from benchmark_parts_status import main
 
 
 class ReadsTheLabel(nn.Module):
