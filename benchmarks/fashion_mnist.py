@@ -295,7 +295,8 @@ PER_IMAGE_KEPT = ("correct_runs", "clean_correct_runs")  # what benchmark.json k
 def run_headlines(args: argparse.Namespace, defences: dict[str, torch.nn.Module],
                   images: torch.Tensor, labels: torch.Tensor, device: str,
                   specs: list[AttackSpec], progress: bool = True) -> dict[str, dict]:
-    """headline() of `specs` per defence into output-dir/headline-<name> (resumed when rerun),
+    """headline() of `specs` per defence into output-dir/headline-<name> (resumed when rerun;
+    an attack the evaluation in output-dir ran, the primary, takes its kept examples),
     each with the attacks it has what for (args: n, batch_size, runs, seed, output_dir); the
     results without the bulky per-image lists."""
     results = {}
@@ -307,9 +308,13 @@ def run_headlines(args: argparse.Namespace, defences: dict[str, torch.nn.Module]
                   file=sys.stderr)
             continue
         folder = Path(args.output_dir) / f"headline-{name}" if args.output_dir else None
+        # the primary evaluation's examples (same attack, model and images) are not recomputed
+        evaluation = ({"examples_from": args.output_dir, "model_name": name}
+                      if args.output_dir else {})
         result = headline(model, (images, labels), chosen, n=min(args.n, len(labels)),
                           batch_size=args.batch_size, runs=args.runs, seed=args.seed,
-                          output_dir=folder, resume=True, progress=progress, device=device)
+                          output_dir=folder, resume=True, progress=progress, device=device,
+                          **evaluation)
         result["per_image"] = {key: result["per_image"][key] for key in PER_IMAGE_KEPT}
         robust = result["robust_accuracy"]
         print(f"headline {name}: {100 * robust['mean']:.1f}% (worst of {args.runs}: "

@@ -408,6 +408,12 @@ def test_a_benchmark_run_in_parts_merges_into_the_run_of_the_whole(tmp_path: Pat
     benchmark_main([*common, "--defences", *unseen, "--output-dir", str(tmp_path / "b")])
     part = json.loads((tmp_path / "b" / "benchmark.json").read_text())
     assert list(part["costs"]) == ["robust", "ours-robust"]
+    taken = {item["name"]: item["from_evaluation"]
+             for item in part["headline"]["ours-robust"]["per_attack"]}
+    attacked = {item["name"]: item["attacked"]
+                for item in part["headline"]["ours-robust"]["per_attack"]}
+    assert attacked["apgd-eot"] > 0
+    assert taken == {"transfer": 0, "apgd-eot": attacked["apgd-eot"]}  # the primary's examples
 
     merge_outputs([tmp_path / "a", tmp_path / "b"], tmp_path / "whole")
     stored = {path.name: path.read_text() for path in (tmp_path / "whole").glob("batches-*")}

@@ -165,6 +165,48 @@ def test_within_n_submissions_are_reported_and_fall_with_n(planted):
     assert "within 1 / 3 / 10 submissions" in line
 
 
+def test_an_attack_the_evaluation_ran_takes_its_kept_examples_instead(planted, tmp_path):
+    seen, _ = planted
+    model, folder = Marked(), tmp_path / "eval"
+    evaluate(model, marked_batch(), [A], n=N, batch_size=4, runs=4, progress=False, device="cpu",
+             eot_check=0, output_dir=folder, model_name="marked")
+    kept = sorted(path.name for path in (folder / "adversarial").glob("marked--fool-a--*"))
+    assert kept == ["marked--fool-a--batch0.safetensors", "marked--fool-a--batch1.safetensors"]
+    seen["fool-a"].clear()
+    alone = run_headline(model, [A, B])
+    seen["fool-a"].clear()
+
+    result = run_headline(model, [A, B], examples_from=folder, model_name="marked")
+    assert seen["fool-a"] == []  # the evaluation's examples, not a second run
+    assert [(s["name"], s["attacked"], s["from_evaluation"]) for s in result["per_attack"]] == [
+        ("fool-a", 7, 7), ("fool-b", 5, 0)]
+    assert result["per_image"] == alone["per_image"]  # the planted attack is deterministic
+    assert "7 (7 from the evaluation)" in headline_markdown(result)
+
+    (folder / "adversarial" / "marked--fool-a--batch1.safetensors").unlink()
+    result = run_headline(model, [A, B], examples_from=folder, model_name="marked")
+    assert seen["fool-a"] == [[4, 5, 6]]  # batch 1 of the evaluation kept nothing now
+    assert result["per_attack"][0]["from_evaluation"] == 4
+    assert result["per_image"] == alone["per_image"]
+
+    seen["fool-a"].clear()  # another version of the model: its examples are not this one's
+    result = run_headline(Marked(scale=2.0), [A], examples_from=folder, model_name="marked")
+    assert flat(seen["fool-a"]) == list(range(7)) and result["per_attack"][0]["from_evaluation"] == 0
+
+
+def test_examples_from_must_be_an_evaluation_of_the_same_images(planted, tmp_path):
+    evaluate(Marked(), marked_batch(), [A], n=4, batch_size=4, runs=2, progress=False,
+             device="cpu", eot_check=0, output_dir=tmp_path / "eval", model_name="marked")
+    with pytest.raises(ValueError, match="go together"):
+        run_headline(Marked(), [A], examples_from=tmp_path / "eval")
+    with pytest.raises(ValueError, match="go together"):
+        run_headline(Marked(), [A], model_name="marked")
+    with pytest.raises(ValueError, match="evaluation output folder"):
+        run_headline(Marked(), [A], examples_from=tmp_path, model_name="marked")
+    with pytest.raises(ValueError, match="evaluated other images"):
+        run_headline(Marked(), [A], examples_from=tmp_path / "eval", model_name="marked")
+
+
 def test_a_deterministic_classifier_has_worst_case_equal_to_mean():
     classifier = tiny_classifier()
     model = PurifiedModel(classifier, purifier=False, mean=(0.5,), std=(0.5,))

@@ -1,6 +1,8 @@
-"""The first batch's adversarial images of each model and attack, kept in the output folder
-(adversarial/<model>--<attack>--batch0.safetensors) and read back, checked, for the image grid
-(grid-<model>-<attack>.png)."""
+"""Every batch's adversarial images of each model and attack, kept in the output folder
+(adversarial/<model>--<attack>--batch<b>.safetensors, with the key of the batch's stored record
+in the file's metadata) and read back, checked: the first batch for the image grid
+(grid-<model>-<attack>.png), every batch for the headline, which takes an evaluation's examples
+instead of attacking again (stored_examples)."""
 
 from __future__ import annotations
 
@@ -16,19 +18,48 @@ from purifyguard.evaluation.seeds import derive_seed
 from purifyguard.files import check_inside, write_atomic
 
 ADVERSARIAL_TENSOR = "adversarial"
+KEY_METADATA = "key"  # the stored batch record the images belong to
 
 
-def adversarial_path(output_dir: str | Path, model_name: str, attack_name: str) -> Path:
-    """Where the first batch's adversarial images go: safetensors, never a pickle (a planted
-    pickle would run code when loaded)."""
-    return Path(output_dir) / "adversarial" / f"{model_name}--{attack_name}--batch0.safetensors"
+def adversarial_path(output_dir: str | Path, model_name: str, attack_name: str,
+                     batch: int = 0) -> Path:
+    """Where a batch's adversarial images go: safetensors, never a pickle (a planted pickle
+    would run code when loaded)."""
+    return (Path(output_dir) / "adversarial"
+            / f"{model_name}--{attack_name}--batch{batch}.safetensors")
 
 
-def save_adversarial(output_dir, model_name: str, attack_name: str, x_adv: torch.Tensor) -> None:
+def save_adversarial(output_dir, model_name: str, attack_name: str, x_adv: torch.Tensor,
+                     batch: int = 0, key: str = "") -> None:
     from safetensors.torch import save
 
-    path = adversarial_path(output_dir, model_name, attack_name)
-    write_atomic(path, save({ADVERSARIAL_TENSOR: x_adv.detach().cpu().float().contiguous()}))
+    path = adversarial_path(output_dir, model_name, attack_name, batch)
+    write_atomic(path, save({ADVERSARIAL_TENSOR: x_adv.detach().cpu().float().contiguous()},
+                            metadata={KEY_METADATA: key}))
+
+
+def stored_examples(output_dir: Path, model_name: str, attack_name: str,
+                    keys: dict[int, str], like: torch.Tensor) -> dict[int, torch.Tensor]:
+    """batch -> its adversarial images, for each batch of `keys` (batch -> the key of its
+    stored record) whose file exists and was written with that key (a file of another model
+    version or attack setting is passed over); a file that cannot be read is a ValueError."""
+    from safetensors import SafetensorError, safe_open
+
+    found = {}
+    for batch, key in keys.items():
+        path = adversarial_path(output_dir, model_name, attack_name, batch)
+        if not path.is_file():
+            continue
+        check_inside(path, Path(output_dir), "adversarial image file")
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                written_for = (file.metadata() or {}).get(KEY_METADATA)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"adversarial image file {path} cannot be read ({error}); delete "
+                             "it to attack its batch again") from None
+        if written_for == key:
+            found[batch] = load_adversarial(path, output_dir, like)
+    return found
 
 
 def load_adversarial(path: Path, output_dir: str | Path, like: torch.Tensor) -> torch.Tensor:

@@ -397,8 +397,9 @@ def _run_batches(
                     record["substitute"] = substitute
                 if trace.correct:
                     record["curve"] = trace.to_record()
-                if batch == 0 and output_dir is not None:
-                    save_adversarial(output_dir, model_name, attack_name, x_adv)
+                if output_dir is not None:  # the grid's first batch, the headline's every one
+                    save_adversarial(output_dir, model_name, attack_name, x_adv, batch,
+                                     record["key"])
                 x = x_adv
             verdict_seed = derive_seed(seed, "verdict", attack_name, batch)
             record["predictions"] = predictions(model, x, runs, verdict_seed).tolist()

@@ -37,12 +37,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from purifyguard.evaluation.adversarial_files import stored_examples
 from purifyguard.evaluation.arguments import (
     check_attack_list,
     check_data,
     check_device,
     check_examples,
     check_model,
+    check_name,
     check_output_dir,
 )
 from purifyguard.evaluation.attacks import AttackSpec, attacked_model, parse_attack, run_attack
@@ -56,9 +58,9 @@ from purifyguard.evaluation.harness import (
 from purifyguard.evaluation.pgd import perturbation_norm
 from purifyguard.evaluation.seeds import derive_seed
 from purifyguard.evaluation.stats import wilson_interval
-from purifyguard.evaluation.store import CLEAN
+from purifyguard.evaluation.store import CLEAN, RUN_FILE, batch_key
 from purifyguard.evaluation.verdict import accuracy_summary, predictions
-from purifyguard.files import write_atomic, write_json
+from purifyguard.files import read_json, write_atomic, write_json
 from purifyguard.validation import check_bool, check_int, check_optional_int
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,8 @@ def headline(
     output_dir: str | Path | None = None,
     resume: bool = True,
     undefended: nn.Module | None = None,
+    examples_from: str | Path | None = None,
+    model_name: str | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
@@ -102,6 +106,10 @@ def headline(
         counts, stored after every batch), headline.json and headline.md go; with resume a
         rerun skips finished attacks and batches. resume=False starts over.
     undefended: the bare classifier for transfer attacks (taken from a PurifiedModel if None).
+    examples_from, model_name: an evaluate / evaluate_models output folder of the same images
+        (the same n and data) and the model's name there: an attack that evaluation ran with the
+        same settings on this model (the same version) is not run again on the images whose
+        examples it kept (adversarial/, every batch); they are judged as the attack's own.
     device: as for evaluate (None: accelerate's device for this process). One process only.
     Returns {"n", "runs", "selection_runs", "seed", "batch_size", "threat_model", "attacks"
     (their to_dict()), "per_attack" (per attack: images attacked, images whose best example it
@@ -139,6 +147,7 @@ def headline(
     device = check_device(device)
     images, labels = select_examples(data, n, seed)
     images = check_examples(images, labels, None)
+    evaluation = _checked_evaluation(examples_from, model_name, images, labels)
     device = _distributed_state().device if device is None else device
     model.to(device).eval()
     bare = undefended if undefended is not None else _undefended_of(model)
@@ -146,13 +155,60 @@ def headline(
     with _folder_lock(output_dir, True):
         return _headline(model, attackers, specs, images, labels, batch_size=batch_size,
                          runs=runs, selection_runs=selection_runs, seed=seed,
-                         output_dir=output_dir, resume=resume, progress=progress, device=device)
+                         output_dir=output_dir, resume=resume, progress=progress, device=device,
+                         evaluation=evaluation)
+
+
+def _checked_evaluation(examples_from: Any, model_name: Any, images: torch.Tensor,
+                        labels: torch.Tensor) -> dict[str, Any] | None:
+    """examples_from and model_name checked (both or neither; an evaluation folder of these
+    images): {"folder", "model_name", "batch_size"}, or None without them."""
+    if examples_from is None and model_name is None:
+        return None
+    if examples_from is None or model_name is None:
+        raise ValueError("examples_from and model_name go together (the evaluation folder and "
+                         f"the model's name there), got examples_from={examples_from!r}, "
+                         f"model_name={model_name!r}")
+    folder = check_output_dir(examples_from)
+    model_name = check_name("model_name", model_name)
+    if not (folder / RUN_FILE).is_file():
+        raise ValueError(f"examples_from must be an evaluation output folder (with {RUN_FILE}), "
+                         f"got {str(folder)!r}")
+    run = read_json(folder / RUN_FILE, "the evaluation settings file")
+    mine = {"n": len(labels), "data_fingerprint": fingerprint(images, labels)}
+    if {key: run.get(key) for key in mine} != mine:
+        raise ValueError(f"examples_from {str(folder)!r} evaluated other images (n "
+                         f"{run.get('n')}, data {run.get('data_fingerprint')}) than this headline "
+                         f"(n {mine['n']}, data {mine['data_fingerprint']})")
+    return {"folder": folder, "model_name": model_name, "batch_size": int(run["batch_size"])}
+
+
+def _evaluation_examples(evaluation: dict[str, Any] | None, spec: AttackSpec, version: str,
+                         images: torch.Tensor) -> dict[int, torch.Tensor]:
+    """image index -> the example the evaluation kept for it under this attack and model
+    version (none without an evaluation, or where it kept none)."""
+    if evaluation is None:
+        return {}
+    size, count = evaluation["batch_size"], len(images)
+    keys = {batch: batch_key(evaluation["model_name"], spec, batch, version)
+            for batch in range(-(-count // size))}
+    found = stored_examples(evaluation["folder"], evaluation["model_name"], spec.label, keys,
+                            images[:1])
+    examples = {}
+    for batch, stored in found.items():
+        rows = range(batch * size, min((batch + 1) * size, count))
+        if len(stored) != len(rows):
+            raise ValueError(f"{evaluation['folder']}: the stored {spec.label} examples of batch "
+                             f"{batch} are {len(stored)} images, its batch has {len(rows)}")
+        examples.update(zip(rows, stored))
+    return examples
 
 
 def _headline(model: nn.Module, attackers: list[nn.Module], specs: list[AttackSpec],
               images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, runs: int,
               selection_runs: int, seed: int, output_dir: Path | None, resume: bool,
-              progress: bool, device: torch.device) -> dict[str, Any]:
+              progress: bool, device: torch.device,
+              evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     settings = {
         "model_version": model_version(model), "data_fingerprint": fingerprint(images, labels),
@@ -169,9 +225,10 @@ def _headline(model: nn.Module, attackers: list[nn.Module], specs: list[AttackSp
         if index < len(state["done"]):
             logger.info("headline: %s finished before, skipped", spec.label)
             continue
+        stored = _evaluation_examples(evaluation, spec, settings["model_version"], images)
         _run_attack(model, attacker, spec, index, state, images, labels, batch_size=batch_size,
                     selection_runs=selection_runs, seed=seed, output_dir=output_dir,
-                    progress=progress, device=device)
+                    progress=progress, device=device, stored=stored)
     result = _verdict(model, specs, state, images, labels, batch_size=batch_size, runs=runs,
                       seed=seed, device=device)
     result["seconds"] = time.perf_counter() - started
@@ -212,27 +269,38 @@ def _clean_state(model, images, labels, settings, batch_size, selection_runs, se
 
 
 def _run_attack(model, attacker, spec, index, state, images, labels, *, batch_size,
-                selection_runs, seed, output_dir, progress, device) -> None:
+                selection_runs, seed, output_dir, progress, device, stored=None) -> None:
     """Attack the survivors of everything before (or what is left of them after an
-    interruption), keeping per image the example right in the fewest selection runs."""
+    interruption), keeping per image the example right in the fewest selection runs; a survivor
+    with an example in `stored` (image index -> example) takes it instead of being attacked."""
+    stored = stored or {}
     identity = _identity(spec)
     current = state["current"]
     if current is None:
         survivors = torch.nonzero(state["best_correct"] > 0).flatten().tolist()
         current = {"attack": identity, "survivors": survivors, "batches_done": 0,
-                   "improved": 0, "seconds": 0.0}
+                   "improved": 0, "seconds": 0.0, "from_evaluation": 0}
         state["current"] = current
         _save_state(output_dir, state)
     survivors = current["survivors"]
     batches = _batches(len(survivors), batch_size)
+    kept = sum(index in stored for index in survivors)
     bar = tqdm(total=len(batches), initial=current["batches_done"], unit="batch",
-               desc=f"headline | {spec.label} ({len(survivors)} images)", disable=not progress)
+               desc=f"headline | {spec.label} ({len(survivors)} images"
+                    + (f", {kept} from the evaluation)" if kept else ")"), disable=not progress)
     for batch in range(current["batches_done"], len(batches)):
         start = time.perf_counter()
         rows = torch.tensor(survivors[batches[batch]], dtype=torch.long)
         x, y = images[rows].to(device), labels[rows].to(device)
-        x_adv = run_attack(spec, attacker, x, y,
-                           derive_seed(seed, ATTACK_TAG, spec.label, batch)).clamp(0, 1).detach()
+        have = torch.tensor([int(row) in stored for row in rows], dtype=torch.bool)
+        mask = have.to(x.device)
+        x_adv = x.clone()
+        if have.any():
+            x_adv[mask] = torch.stack([stored[int(row)] for row in rows[have]]).to(x)
+        if not have.all():
+            x_adv[~mask] = run_attack(spec, attacker, x[~mask], y[~mask],
+                                      derive_seed(seed, ATTACK_TAG, spec.label, batch)
+                                      ).clamp(0, 1).detach()
         _check_ball(spec, x, x_adv, batch)
         counts = _correct_counts(model, x_adv, y, selection_runs,
                                  derive_seed(seed, SELECTION_TAG, spec.label, batch))
@@ -242,12 +310,14 @@ def _run_attack(model, attacker, spec, index, state, images, labels, *, batch_si
         state["best_correct"][chosen] = counts[better]
         state["source"][chosen] = index
         current["improved"] += int(better.sum())
+        current["from_evaluation"] = current.get("from_evaluation", 0) + int(have.sum())
         current["seconds"] += time.perf_counter() - start
         current["batches_done"] = batch + 1
         _save_state(output_dir, state)
         bar.update()
     bar.close()
     state["per_attack"].append({"name": spec.label, "attacked": len(survivors),
+                                "from_evaluation": current.get("from_evaluation", 0),
                                 "improved": current["improved"], "seconds": current["seconds"]})
     state["done"].append(identity)
     state["current"] = None
@@ -401,7 +471,9 @@ def headline_markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for stats in result["per_attack"]:
-        lines.append(f"| {stats['name']} | {stats['attacked']} | {stats['improved']} "
+        taken = stats.get("from_evaluation", 0)
+        attacked = f"{stats['attacked']}" + (f" ({taken} from the evaluation)" if taken else "")
+        lines.append(f"| {stats['name']} | {attacked} | {stats['improved']} "
                      f"| {stats['provided']} | {stats['seconds']:.0f} |")
     lines.append(f"| (clean image: no attack did better) | | | {result['clean_unattacked']} | |")
     return "\n".join(lines) + "\n"
