@@ -13,6 +13,7 @@
 # DOCS=<file> writes the page of `whole` elsewhere than docs/benchmarks.md.
 # BUDGET=<seconds> stops every part at that deadline (timeout; what they stored is kept), so a
 # session can leave itself time to commit: BUDGET=7200 for two hours.
+# PARALLEL=1 runs all seven parts at once (one process each), for a GPU machine with the cores.
 # Each part runs its defences' primary attack, sanity checks and headline. `whole` merges the
 # parts (purifyguard merge) into $STATE/fashion-mnist-whole and runs the full benchmark there
 # with every defence: it attacks nothing again, adds the clean cost on the 10,000 test images and
@@ -81,6 +82,9 @@ if [ "${1:-parts}" = whole ]; then
         "vit=$UNSEEN_STATE/unseen-vit/final" "regnet=$UNSEEN_STATE/unseen-regnet/final" \
         --output-dir "$STATE/fashion-mnist-whole" > "$STATE/fashion-mnist-whole.log" 2>&1
     stopped "whole (log: $STATE/fashion-mnist-whole.log)" $?
+elif [ -n "${PARALLEL:-}" ]; then
+    for part in "${!PARTS[@]}"; do run_part "$part" & done
+    wait
 else
     run_queue "${QUEUE_1[@]}" &
     run_queue "${QUEUE_2[@]}" &
