@@ -36,7 +36,7 @@ else
     BUDGET_TRADES=${BUDGET_TRADES:-0}
 fi
 pack() {  # pack: WORK's folders into OUT's archives, each through a temporary name
-    local name folders
+    local name folders present
     for name in parts-1 parts-2 parts-3 whole; do
         case $name in
             parts-1) folders="fashion-mnist-ours fashion-mnist-ours-trades" ;;
@@ -45,9 +45,11 @@ pack() {  # pack: WORK's folders into OUT's archives, each through a temporary n
             whole) folders="fashion-mnist-whole benchmarks.md" ;;
         esac
         # shellcheck disable=SC2086  # the folder names split on purpose
-        (cd "$WORK" && ls -d $folders > /dev/null 2>&1 && tar czf "$OUT/$name.partial" \
-            --exclude=fashion-mnist-whole/adversarial $folders *.log 2> /dev/null) \
-            && mv "$OUT/$name.partial" "$OUT/$name.tar.gz"
+        present=$(cd "$WORK" && ls -d $folders 2> /dev/null)
+        [ -n "$present" ] || continue
+        # shellcheck disable=SC2086
+        (cd "$WORK" && tar czf "$OUT/$name.partial" --exclude=fashion-mnist-whole/adversarial \
+            $present ./*.log 2> /dev/null) && mv "$OUT/$name.partial" "$OUT/$name.tar.gz"
         rm -f "$OUT/$name.partial"
     done
     cp "$WORK"/benchmark.log "$WORK"/parts-status.txt "$OUT/" 2> /dev/null
