@@ -7,15 +7,16 @@
 #   TINY=1 OUT=/tmp/rehearsal DATA=<fashion-mnist folder> bash scripts/device_session.sh  # CPU
 #
 # The runs live in WORK (default: a folder under /tmp), seeded from the committed
-# benchmark-state/; WORK is packed into OUT as four archives beside the logs (the device tool
+# benchmark-state/; WORK is packed into OUT as five archives beside the logs (the device tool
 # brings back at most 8 files of 16 MiB, two folders down), every minute and at the end:
 # parts-1.tar.gz (ours, ours-trades), parts-2.tar.gz (baselines, gdmp), parts-3.tar.gz (the
-# unseen classifiers) and whole.tar.gz (the merged run and its page, without the adversarial
-# examples it merged from the parts). Unpack them into benchmark-state/
-# (tar xzf OUT/parts-1.tar.gz -C benchmark-state) to go on here or on the CPU. Each step has a time budget in seconds (BUDGET_PARTS, BUDGET_WHOLE, BUDGET_TRADES; 0
-# skips a step) and is cut there, keeping what it stored. TINY=1 runs the same steps at a size a
-# CPU finishes in minutes, to check the script before spending device time; its figures mean
-# nothing.
+# unseen classifiers), whole.tar.gz (the merged run and its page, without the adversarial
+# examples it merged from the parts) and trades.tar.gz (the TRADES run). Unpack the parts into
+# benchmark-state/ (tar xzf OUT/parts-1.tar.gz -C benchmark-state) and the TRADES run into
+# training-state/ to go on here or on the CPU. Each step has a time budget in seconds
+# (BUDGET_PARTS, BUDGET_WHOLE, BUDGET_TRADES; 0 skips a step) and is cut there, keeping what it
+# stored. TINY=1 runs the same steps at a size a CPU finishes in minutes, to check the script
+# before spending device time; its figures mean nothing.
 #
 # 1. The re-published benchmark's rows (issues 22 and 23): scripts/benchmark_parts.sh with all
 #    seven parts at once (apgd-eot primary 20 x EOT 8, sanity checks, the headline; R = 10, the
@@ -37,12 +38,13 @@ else
 fi
 pack() {  # pack: WORK's folders into OUT's archives, each through a temporary name
     local name folders present
-    for name in parts-1 parts-2 parts-3 whole; do
+    for name in parts-1 parts-2 parts-3 whole trades; do
         case $name in
             parts-1) folders="fashion-mnist-ours fashion-mnist-ours-trades" ;;
             parts-2) folders="fashion-mnist-baselines fashion-mnist-gdmp" ;;
             parts-3) folders="fashion-mnist-mobilenetv3 fashion-mnist-vit fashion-mnist-regnet" ;;
             whole) folders="fashion-mnist-whole benchmarks.md" ;;
+            trades) folders="trades-beta3" ;;
         esac
         # shellcheck disable=SC2086  # the folder names split on purpose
         present=$(cd "$WORK" && ls -d $folders 2> /dev/null)
@@ -97,7 +99,8 @@ if [ "$BUDGET_TRADES" -gt 0 ]; then
         --eps 0.1 --beta "$BETA" --pgd-steps 10 --steps "$TRADES_STEPS" --batch-size 128 \
         --lr 0.1 --seed 0 --validation-size 5000 --validation-seed 0 \
         --validation-images "$VALIDATION" --validation-attack-steps 10 --checkpoint-every 200 \
-        --log-every 50 --no-progress --resume --output-dir "$RUN" > "$WORK/trades-beta$BETA.log" 2>&1
+        --log-every 50 --no-progress --resume --output-dir "$RUN" \
+        > "$WORK/trades-beta$BETA.log" 2>&1
     echo "trades beta $BETA: exit $? (124: cut at its budget, resumable)"
 fi
 

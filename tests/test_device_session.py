@@ -24,6 +24,7 @@ def test_the_device_session_packs_every_part_into_archives_two_folders_down(tmp_
     (work / "fashion-mnist-whole" / "benchmark.json").write_text("{}")
     (work / "benchmarks.md").write_text("# page\n")
     (work / "benchmark.log").write_text("part ours: exit 0\n")
+    (work / "trades-beta3" / "checkpoints").mkdir(parents=True)
     env = {**os.environ, "TINY": "1", "WORK": str(work), "OUT": str(out), "DATA": str(tmp_path),
            "BUDGET_PARTS": "0", "BUDGET_WHOLE": "0", "BUDGET_TRADES": "0"}
 
@@ -32,7 +33,7 @@ def test_the_device_session_packs_every_part_into_archives_two_folders_down(tmp_
 
     returned = sorted(path.name for path in out.iterdir())
     assert returned == ["benchmark.log", "parts-1.tar.gz", "parts-2.tar.gz", "parts-3.tar.gz",
-                        "whole.tar.gz"]
+                        "trades.tar.gz", "whole.tar.gz"]
     with tarfile.open(out / "parts-1.tar.gz") as archive:
         names = archive.getnames()
     assert "./fashion-mnist-ours/adversarial/ours--apgd-eot--batch0.safetensors" in names \
