@@ -66,11 +66,14 @@ HEADLINE_RULE = (
 
 
 def headline_comparisons(results: dict[str, dict[str, Any]], ours: str = "ours",
-                         samples: int = 10_000, seed: int = 0) -> list[dict[str, Any]]:
+                         samples: int = 10_000, seed: int = 0,
+                         fingerprints: dict[int, str] | None = None) -> list[dict[str, Any]]:
     """Ours against each other defence on the headline, on the same images: the paired
     bootstrap of the per-image robust share (correct runs / R), McNemar's exact test on
     "robust in all R runs" and the one-sided non-inferiority test at TARGET_NON_INFERIORITY
-    points. Pairs judged on other images or another R are left out."""
+    points. fingerprints: k -> the data fingerprint of the first k test images; a pair judged on
+    the first k and the first m of them (both fingerprints listed) is compared on the first
+    min(k, m). Pairs judged on other images or another R are left out."""
     import torch
 
     from purifyguard.evaluation.paired import mcnemar_exact, paired_bootstrap, paired_margin_test
@@ -80,12 +83,15 @@ def headline_comparisons(results: dict[str, dict[str, Any]], ours: str = "ours",
     first = results[ours]
     comparisons = []
     for other, second in results.items():
-        if other == ours or (second["data_fingerprint"], second["runs"]) != (
-                first["data_fingerprint"], first["runs"]):
+        count = min(first["n"], second["n"])
+        same_images = first["data_fingerprint"] == second["data_fingerprint"] or all(
+            (fingerprints or {}).get(result["n"]) == result["data_fingerprint"]
+            for result in (first, second))
+        if other == ours or not same_images or second["runs"] != first["runs"]:
             continue
         runs = first["runs"]
-        a = torch.tensor(first["per_image"]["correct_runs"], dtype=torch.float64)
-        b = torch.tensor(second["per_image"]["correct_runs"], dtype=torch.float64)
+        a = torch.tensor(first["per_image"]["correct_runs"][:count], dtype=torch.float64)
+        b = torch.tensor(second["per_image"]["correct_runs"][:count], dtype=torch.float64)
         comparisons.append({
             "first": ours, "second": other, "attack": "headline", "n": len(a),
             "mean": paired_bootstrap(a / runs, b / runs, samples=samples, seed=seed),
@@ -125,7 +131,8 @@ def headline_section(benchmark: dict[str, Any]) -> list[str]:
         sources = [f"{stats['name']} {stats['provided']}" for stats in result["per_attack"]]
         sources.append(f"clean image {result['clean_unattacked']}")
         lines.append(
-            f"| {model} | {with_interval(robust)} | {percent(robust['worst_case'])} | "
+            f"| {row_label(model, result['n'], first['n'])} | {with_interval(robust)} | "
+            f"{percent(robust['worst_case'])} | "
             + " | ".join(percent(within[c]) if c in within else "-" for c in counts)
             + f" | {percent(clean['mean'])} | {', '.join(sources)} |"
         )
@@ -137,8 +144,8 @@ def headline_section(benchmark: dict[str, Any]) -> list[str]:
                        "accuracy (per-image share of the R runs) with its 95% paired-bootstrap "
                        "interval and p-value, and McNemar's exact test on the worst case."),
                   "", header, "|---|---|---|---|---|"]
-        lines += [f"| {item['first']} vs {item['second']} | {paired_cells(item)}"
-                  for item in comparisons]
+        lines += [f"| {row_label(item['first'] + ' vs ' + item['second'], item['n'], first['n'])}"
+                  f" | {paired_cells(item)}" for item in comparisons]
         lines += [""] + [f"- Headline, {lead_tests(item)}." for item in comparisons]
     lines += plug_in_targets(benchmark)
     lines += clean_cost_section(benchmark)
@@ -210,6 +217,11 @@ def clean_cost_section(benchmark: dict[str, Any]) -> list[str]:
     return lines
 
 
+def row_label(model: str, n: int, total: int) -> str:
+    """A table row's name, with its number of images when it ran on fewer than the others."""
+    return model if n == total else f"{model} (first {n} images)"
+
+
 def settings_section(benchmark: dict[str, Any]) -> list[str]:
     settings = benchmark["report"]["settings"]
     minutes = sum(r["seconds"] for r in benchmark["report"]["records"]) / 60
@@ -219,6 +231,11 @@ def settings_section(benchmark: dict[str, Any]) -> list[str]:
     data = (f"- Data: the first {settings['n']} Fashion-MNIST test images "
             f"(fingerprint {settings['data_fingerprint']}); seed {settings['seed']}; "
             f"R = {settings['runs']} independent purifications per verdict")
+    fewer = settings.get("n_per_model")
+    if fewer:
+        data += ("; on fewer images (the first of the same, `--plug-in-n`): "
+                 + ", ".join(f"{name} {count}" for name, count in fewer.items())
+                 + ", paired with the others on those images")
     return [f"- Command: `{benchmark['command']}`", hardware, data,
             f"- purifyguard {benchmark['report']['purifyguard_version']}"]
 
@@ -270,7 +287,8 @@ def results_section(benchmark: dict[str, Any]) -> list[str]:
         sanity = first["sanity"]
         sanity = sanity if sanity in ("passed", "not run") else f"**{sanity}**"
         lines.append(
-            f"| {model} | {costs[model]['nfe']} | {costs[model]['images_per_s']:.2f} "
+            f"| {row_label(model, first['n'], report['settings']['n'])} "
+            f"| {costs[model]['nfe']} | {costs[model]['images_per_s']:.2f} "
             f"| {percent(first['clean_accuracy']['mean'])} | "
             + " | ".join(with_interval(records[name]["robust_accuracy"]) for name in attacks)
             + f" | {percent(records[chosen]['robust_accuracy']['worst_case'])} | {sanity} |"
@@ -432,7 +450,8 @@ def paired_section(benchmark: dict[str, Any]) -> list[str]:
              "accuracy with its 95% paired-bootstrap interval and p-value, and McNemar's exact "
              "test on the worst case (images only one of the two keeps in every run). A bootstrap "
              "p below its resolution (1 / resamplings) is shown as \"< 1 / resamplings\".")
-    return comparison_table("## Paired tests", intro, "defences", comparisons)
+    return comparison_table("## Paired tests", intro, "defences", comparisons,
+                            benchmark["report"]["settings"]["n"])
 
 
 def attack_paired_section(benchmark: dict[str, Any]) -> list[str]:
@@ -449,13 +468,15 @@ def attack_paired_section(benchmark: dict[str, Any]) -> list[str]:
 
 
 def comparison_table(title: str, intro: str, compared: str,
-                     comparisons: list[dict[str, Any]]) -> list[str]:
-    """A titled table of paired comparisons, one row per "first vs second"."""
+                     comparisons: list[dict[str, Any]], total: int | None = None) -> list[str]:
+    """A titled table of paired comparisons, one row per "first vs second" (with its number of
+    images when it is below `total`)."""
     header = (f"| {compared} | mean difference, points [95% CI] | p (bootstrap) | worst case: "
               "only first / only second | p (McNemar) |")
     lines = [title, "", intro, "", header, "|---|---|---|---|---|"]
     for item in comparisons:
-        lines.append(f"| {item['first']} vs {item['second']} | {paired_cells(item)}")
+        pair = f"{item['first']} vs {item['second']}"
+        lines.append(f"| {row_label(pair, item['n'], total or item['n'])} | {paired_cells(item)}")
     return [*lines, ""]
 
 

@@ -76,6 +76,7 @@ from purifyguard import PurifiedModel, bundled_classifier, bundled_test_images
 from purifyguard.data import load_dataset
 from purifyguard.evaluation import evaluate_models, headline
 from purifyguard.evaluation.attacks import AttackSpec, parse_attack
+from purifyguard.evaluation.example_selection import fingerprint
 from purifyguard.files import read_json, write_atomic, write_json
 from purifyguard.option_types import non_negative_float, non_negative_int, positive_int
 from purifyguard.provenance import portable_command
@@ -164,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="standard classifiers the purifier never saw (a classifier folder "
                         "or a bundled name): each adds the rows NAME (alone) and ours-NAME (ours "
                         "in front of it)")
+    parser.add_argument("--plug-in-n", type=positive_int, default=None, metavar="N",
+                        help="test images for the plug-in rows (ours in front of the TRADES "
+                        "classifier, and each --unseen classifier bare and purified): the first "
+                        "N of the --n, a multiple of --batch-size (default: all --n); their "
+                        "paired tests use the images both rows have")
     parser.add_argument("--clean-n", type=non_negative_int, default=0,
                         help="also measure the clean cost (bare minus purified, one purification "
                         "per image) on the first N test images (default 0: not measured)")
@@ -294,11 +300,13 @@ PER_IMAGE_KEPT = ("correct_runs", "clean_correct_runs")  # what benchmark.json k
 
 def run_headlines(args: argparse.Namespace, defences: dict[str, torch.nn.Module],
                   images: torch.Tensor, labels: torch.Tensor, device: str,
-                  specs: list[AttackSpec], progress: bool = True) -> dict[str, dict]:
+                  specs: list[AttackSpec], limits: dict[str, int] | None = None,
+                  progress: bool = True) -> dict[str, dict]:
     """headline() of `specs` per defence into output-dir/headline-<name> (resumed when rerun;
     an attack the evaluation in output-dir ran, the primary, takes its kept examples),
-    each with the attacks it has what for (args: n, batch_size, runs, seed, output_dir); the
-    results without the bulky per-image lists."""
+    each with the attacks it has what for (args: n, batch_size, runs, seed, output_dir), on
+    the first limits[name] images where given (plug_in_images); the results without the bulky
+    per-image lists."""
     results = {}
     for name, model in defences.items():
         guided = is_guided(model)
@@ -311,7 +319,8 @@ def run_headlines(args: argparse.Namespace, defences: dict[str, torch.nn.Module]
         # the primary evaluation's examples (same attack, model and images) are not recomputed
         evaluation = ({"examples_from": args.output_dir, "model_name": name}
                       if args.output_dir else {})
-        result = headline(model, (images, labels), chosen, n=min(args.n, len(labels)),
+        count = min(args.n, len(labels), (limits or {}).get(name, args.n))
+        result = headline(model, (images, labels), chosen, n=count,
                           batch_size=args.batch_size, runs=args.runs, seed=args.seed,
                           output_dir=folder, resume=True, progress=progress, device=device,
                           **evaluation)
@@ -422,6 +431,21 @@ def unseen_rows(args: argparse.Namespace) -> set[str]:
     return {row for name in unseen_sources(args) for row in (name, f"ours-{name}")}
 
 
+def plug_in_images(args: argparse.Namespace, defences: dict[str, torch.nn.Module]
+                   ) -> dict[str, int]:
+    """--plug-in-n for each plug-in row this run has (evaluate_models' n_per_model)."""
+    if args.plug_in_n is None or args.plug_in_n >= args.n:
+        return {}
+    plug_in = unseen_rows(args) | {"ours-trades-classifier"}
+    return {name: args.plug_in_n for name in defences if name in plug_in}
+
+
+def pair_images(limits: dict[str, int], first: str, second: str) -> int | None:
+    """The images two rows are paired on: the first k of the fewer, or None for all."""
+    counts = [limits[name] for name in (first, second) if name in limits]
+    return min(counts) if counts else None
+
+
 def unseen_pairs(args: argparse.Namespace, defences: dict[str, torch.nn.Module]
                  ) -> list[tuple[str, str]]:
     """(ours-NAME, NAME) and (ours-NAME, trades) for each --unseen classifier: the paired tests
@@ -516,11 +540,12 @@ def run(args: argparse.Namespace, command: str) -> dict:
     defences = build_defences(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     costs = measure_costs(defences, images[:args.batch_size], device)
+    limits = plug_in_images(args, defences)
     started = time.perf_counter()
     report = evaluate_models(
         defences, (images, labels), attack_specs(args), n=args.n, batch_size=args.batch_size,
         runs=args.runs, seed=args.seed, output_dir=args.output_dir, sanity=args.sanity,
-        sanity_n=args.sanity_n,
+        sanity_n=args.sanity_n, n_per_model=limits,
     )
     primary = PRIMARY_ATTACKS[args.primary]
     paired = []
@@ -533,10 +558,12 @@ def run(args: argparse.Namespace, command: str) -> dict:
         # margin_test: the one-sided paired test of the page's "5 points over" targets
         if "ours" in defences:
             paired = [compare_stored(args.output_dir, "ours", other, primary,
-                                     margin=TARGET_MARGIN_OVER_DIFFPURE / 100)
+                                     margin=TARGET_MARGIN_OVER_DIFFPURE / 100,
+                                     images=pair_images(limits, "ours", other))
                       for other in defences
                       if other != "ours" and other not in unseen_rows(args)]
-        paired += [compare_stored(args.output_dir, first, second, primary)
+        paired += [compare_stored(args.output_dir, first, second, primary,
+                                  images=pair_images(limits, first, second))
                    for first, second in unseen_pairs(args, defences)]
     attack_paired = []
     if args.output_dir and "ours" in defences:
@@ -562,14 +589,17 @@ def run(args: argparse.Namespace, command: str) -> dict:
         from benchmark_page import headline_comparisons
 
         benchmark["headline"] = run_headlines(args, defences, images, labels, device,
-                                              headline_specs(args))
+                                              headline_specs(args), limits)
+        # the rows judged on fewer images are paired on those (the first k of the same images)
+        fingerprints = {count: fingerprint(images[:count], labels[:count])
+                        for count in {len(labels), *limits.values()}}
         benchmark["headline_paired"] = headline_comparisons(
             {key: value for key, value in benchmark["headline"].items()
-             if key not in unseen_rows(args)})
+             if key not in unseen_rows(args)}, fingerprints=fingerprints)
         for first, second in unseen_pairs(args, defences):
             benchmark["headline_paired"] += headline_comparisons(
                 {key: benchmark["headline"][key] for key in (first, second)
-                 if key in benchmark["headline"]}, ours=first)
+                 if key in benchmark["headline"]}, ours=first, fingerprints=fingerprints)
         benchmark["wall_seconds"] = time.perf_counter() - started
     return benchmark
 
@@ -589,6 +619,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(error))
         if not args.defences and not args.unseen:
             parser.error("--defences: give at least one defence, or --unseen classifiers")
+        if args.plug_in_n is not None and args.plug_in_n < args.n \
+                and args.plug_in_n % args.batch_size:
+            parser.error(f"--plug-in-n {args.plug_in_n}: give a multiple of --batch-size "
+                         f"({args.batch_size}), or at least --n ({args.n})")
     fronts = None
     if args.fronts:  # checked before the run, attached after it
         try:

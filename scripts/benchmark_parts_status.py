@@ -1,6 +1,8 @@
 """Where the parts of scripts/benchmark_parts.sh stand: per part and defence, the stored batches
 of each evaluated attack and the headline's finished attacks (with the one under way and its
 batches); read from the stored files alone, so it runs beside the parts without loading a model.
+The plug-in rows (ours-trades-classifier, the unseen classifiers bare and ours-NAME) run on the
+first 128 of the 256 images (`--plug-in-n 128`): 4 of the 8 batches are all they need.
 
     python scripts/benchmark_parts_status.py [STATE]     # default STATE: benchmark-state
 """

@@ -394,6 +394,42 @@ def test_unseen_classifiers_get_their_rows_pairs_and_clean_cost(tmp_path: Path) 
         benchmark_main(["--unseen", "ours=fashion-mnist-resnet18"])
 
 
+def test_plug_in_rows_run_on_fewer_images_and_pair_on_those(tmp_path: Path) -> None:
+    """--plug-in-n k: ours in front of the TRADES classifier and the --unseen rows run on the
+    first k images only; every pair with them (primary and headline) is on those k images,
+    and the page says so."""
+    output, docs = tmp_path / "run", tmp_path / "page.md"
+    benchmark_main(["--n", "4", "--batch-size", "2", "--runs", "2", "--pgd-steps", "1",
+                    "--eot", "1", "--defences", "ours", "ours-trades-classifier",
+                    "--attacks", "primary", "--primary", "apgd-eot",
+                    "--unseen", "robust=fashion-mnist-resnet18-trades", "--plug-in-n", "2",
+                    "--headline-attacks", "apgd-eot:steps=1,eot=1,eps=0.1",
+                    "--output-dir", str(output), "--docs", str(docs), "--threads", "1"])
+    benchmark = json.loads((output / "benchmark.json").read_text())
+    counts = {item["model"]: item["n"] for item in benchmark["report"]["records"]}
+    assert counts == {"ours": 4, "ours-trades-classifier": 2, "robust": 2, "ours-robust": 2}
+    assert benchmark["report"]["settings"]["n_per_model"] == {
+        "ours-trades-classifier": 2, "robust": 2, "ours-robust": 2}
+    assert {(item["first"], item["second"]): item["n"] for item in benchmark["paired"]} == {
+        ("ours", "ours-trades-classifier"): 2, ("ours-robust", "robust"): 2}
+    assert {name: result["n"] for name, result in benchmark["headline"].items()} == counts
+    for result in benchmark["headline"].values():  # the primary's examples, never recomputed
+        [attack] = result["per_attack"]
+        assert attack["from_evaluation"] == attack["attacked"] > 0
+    assert {(item["first"], item["second"]): item["n"]
+            for item in benchmark["headline_paired"]} == {
+        ("ours", "ours-trades-classifier"): 2, ("ours-robust", "robust"): 2}
+    page = docs.read_text()
+    assert "| ours-trades-classifier (first 2 images) |" in page
+    assert "| ours vs ours-trades-classifier (first 2 images) |" in page
+    assert "on fewer images (the first of the same, `--plug-in-n`): ours-trades-classifier 2" \
+        in page
+    with pytest.raises(SystemExit):  # not a whole number of batches
+        benchmark_main(["--n", "4", "--batch-size", "2", "--plug-in-n", "3",
+                        "--defences", "ours-trades-classifier", "--output-dir",
+                        str(tmp_path / "odd"), "--docs", str(docs)])
+
+
 def test_a_benchmark_run_in_parts_merges_into_the_run_of_the_whole(tmp_path: Path) -> None:
     """Parts with some defences each (--defences alone: only the --unseen rows), merged with
     merge_outputs: the whole run attacks nothing again and holds every row and pair."""

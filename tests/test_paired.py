@@ -194,6 +194,47 @@ def test_two_defences_evaluated_in_two_folders_are_paired_only_on_the_same_image
         compare_stored(tmp_path / "a", "a", "b", "pgd", second_dir=tmp_path)
 
 
+def test_a_defence_evaluated_on_fewer_images_is_paired_on_those(tmp_path):
+    """n_per_model: "zero" runs on the first 32 of the 48 images only (its record says so, and
+    the stored batches stay valid for a later run on all of them); compare_stored pairs it with
+    the other on those 32 when asked, and refuses the two unequal tables otherwise."""
+    labels = torch.arange(48) % 10
+    images = ((labels.float() + 0.5) / 10).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()
+    models = {"reads": ReadsTheLabel(), "zero": AlwaysZero()}
+    attack = ["pgd:eps=0.001,steps=1,eot=1"]
+    report = evaluate_models(models, (images, labels), attack, n=48, batch_size=16, runs=2,
+                             output_dir=tmp_path, progress=False, n_per_model={"zero": 32})
+    assert {(r["model"], r["n"]) for r in report["records"]} == {("reads", 48), ("zero", 32)}
+    assert report["settings"]["n_per_model"] == {"zero": 32}
+    assert correct_table(tmp_path, "zero", "pgd")[1].shape == (2, 32)
+    result = compare_stored(tmp_path, "reads", "zero", "pgd", images=32)
+    assert result["n"] == 32 and result["worst_case"]["only_first"] == 28  # 32 less 4 of class 0
+    with pytest.raises(ValueError, match="not evaluated on the same images"):
+        compare_stored(tmp_path, "reads", "zero", "pgd")
+    with pytest.raises(ValueError, match="only 32 of the first 48"):
+        compare_stored(tmp_path, "reads", "zero", "pgd", images=48)
+    with pytest.raises(ValueError, match="images must be a positive int"):
+        compare_stored(tmp_path, "reads", "zero", "pgd", images=0)
+    whole = evaluate_models(models, (images, labels), attack, n=48, batch_size=16, runs=2,
+                            output_dir=tmp_path, progress=False)  # the rest, resumed
+    assert {r["n"] for r in whole["records"]} == {48}
+    assert compare_stored(tmp_path, "reads", "zero", "pgd")["n"] == 48
+
+
+@pytest.mark.parametrize("limits, message", [
+    ({"absent": 16}, "names models that are not evaluated"),
+    ({"zero": 20}, "multiple of batch_size"),
+    ({"zero": 0}, "must be a positive int"),
+    ([("zero", 16)], "must be a dict"),
+])
+def test_n_per_model_is_checked_before_anything_runs(limits, message):
+    labels = torch.arange(48) % 10
+    images = torch.zeros(48, 1, 8, 8)
+    with pytest.raises(ValueError, match=message):
+        evaluate_models({"zero": AlwaysZero()}, (images, labels), ["pgd:eps=0.001,steps=1"],
+                        n=48, batch_size=16, runs=2, progress=False, n_per_model=limits)
+
+
 def test_two_attacks_on_one_stored_defence_are_compared_image_by_image(tmp_path):
     labels = torch.arange(40) % 10
     images = ((labels.float() + 0.5) / 10).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()

@@ -97,6 +97,29 @@ def check_undefended(value: Any, models: dict[str, nn.Module]) -> dict[str, nn.M
     return dict(value)
 
 
+def check_n_per_model(value: Any, models: dict[str, nn.Module], n: int,
+                      batch_size: int) -> dict[str, int]:
+    """n_per_model: model name -> k images (the first k of the n), each k a whole number of
+    batches (or at least n: all of them), so that a stored batch covers the same images for
+    every k."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"n_per_model must be a dict of model name -> number of images, got "
+                         f"{type(value).__name__}")
+    unknown = sorted(set(value) - set(models), key=str)
+    if unknown:
+        raise ValueError(f"n_per_model names models that are not evaluated: {unknown}; "
+                         f"models: {sorted(models)}")
+    for name, count in value.items():
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"n_per_model[{name!r}] must be a positive int, got {count!r}")
+        if count < n and count % batch_size:
+            raise ValueError(f"n_per_model[{name!r}] must be a multiple of batch_size "
+                             f"({batch_size}) or at least n ({n}), got {count}")
+    return dict(value)
+
+
 def check_attack_list(value: Any, parse: Callable[[str], Any], spec_type: type) -> list | None:
     """None (the protocol's set), or a list of AttackSpec / attack strings; a single one is
     taken as a list of one."""

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from purifyguard.evaluation.arguments import (
     check_examples,
     check_model,
     check_models,
+    check_n_per_model,
     check_name,
     check_output_dir,
     check_undefended,
@@ -149,9 +150,14 @@ def evaluate_models(
     progress: bool = True,
     device: str | torch.device | None = None,
     eot_check: int = 8,
+    n_per_model: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Several models on the same images, attacks and seeds; one record per model x attack.
 
+    n_per_model gives some models fewer images: name -> k, the first k of the n images (a
+    multiple of batch_size), so an expensive row can run on fewer images than the others; its
+    pairs are then compared on the images both have (compare_stored's `images`). It is not one
+    of the run's settings: a model's stored batches mean the same whatever its k.
     Every argument is checked before any model runs (ValueError naming it). While it runs, the
     output folder is locked: a second evaluation into the same folder fails at once with
     OutputFolderInUse instead of computing every batch a second time.
@@ -160,7 +166,7 @@ def evaluate_models(
         models, data, attacks, n=n, batch_size=batch_size, runs=runs, seed=seed,
         output_dir=output_dir, resume=resume, undefended=undefended, sanity=sanity,
         sanity_n=sanity_n, class_names=class_names, progress=progress, device=device,
-        eot_check=eot_check, models_checked=False,
+        eot_check=eot_check, models_checked=False, n_per_model=n_per_model,
     )
 
 
@@ -171,7 +177,7 @@ def _evaluate_models(
     undefended: dict[str, nn.Module | None] | None = None, sanity: bool = False,
     sanity_n: int | None = None, class_names: Sequence[str] | None = None,
     progress: bool = True, device: str | torch.device | None = None, eot_check: int = 8,
-    models_checked: bool = False,
+    models_checked: bool = False, n_per_model: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """evaluate_models; models_checked: the models and undefended (one each) come from
     _evaluate_checked, whose caller checked them, so they are not checked again."""
@@ -192,6 +198,7 @@ def _evaluate_models(
     class_names = check_class_names(class_names)
     device = check_device(device)
     undefended = dict(undefended) if models_checked else check_undefended(undefended, models)
+    n_per_model = check_n_per_model(n_per_model, models, n, batch_size)
     names = [spec.label for spec in specs]
     if len(set(names)) != len(names) or CLEAN in names:
         raise ValueError(f"attack names must be unique and not {CLEAN!r}, got {names}")
@@ -206,7 +213,8 @@ def _evaluate_models(
                          seed=seed, output_dir=output_dir, resume=resume, undefended=undefended,
                          sanity=sanity, sanity_n=sanity_n, class_names=class_names,
                          progress=progress, state=state, eot_check=eot_check,
-                         device=state.device if device is None else device)
+                         device=state.device if device is None else device,
+                         n_per_model=n_per_model)
 
 
 def run_sanity_checks(
@@ -275,7 +283,7 @@ def _evaluate(
     specs: list[AttackSpec], *, batch_size: int, runs: int, seed: int, output_dir: Path | None,
     resume: bool, undefended: dict[str, nn.Module | None], sanity: bool, sanity_n: int | None,
     class_names: Sequence[str] | None, progress: bool, state: PartialState, device: torch.device,
-    eot_check: int,
+    eot_check: int, n_per_model: dict[str, int],
 ) -> dict[str, Any]:
     settings = {
         "seed": seed, "n": len(labels), "batch_size": batch_size, "runs": runs,
@@ -290,6 +298,7 @@ def _evaluate(
     started = time.perf_counter()
     for model_name, model in models.items():
         model.to(device).eval()
+        count = min(n_per_model.get(model_name, len(labels)), len(labels))
         bare = undefended.get(model_name)
         bare = _undefended_of(model) if bare is None else bare
         for spec in [None, *specs]:
@@ -304,8 +313,9 @@ def _evaluate(
             state.wait_for_everyone()
             store.load()
             new_records += _run_batches(
-                model_name, descriptions[model_name]["version"], model, bare, spec, images,
-                labels, settings, store, state, output_dir, progress, device,
+                model_name, descriptions[model_name]["version"], model, bare, spec,
+                images[:count], labels[:count], settings, store, state, output_dir, progress,
+                device,
             )
     state.wait_for_everyone()
     store.load()
@@ -328,7 +338,7 @@ def _evaluate(
     report = build_report(
         settings, records, descriptions, specs,
         sanity_results, num_processes=state.num_processes, device=str(device),
-        seconds=time.perf_counter() - started, alignments=alignments,
+        seconds=time.perf_counter() - started, alignments=alignments, n_per_model=n_per_model,
     )
     if output_dir is not None and state.is_main_process:
         write_report(report, output_dir)

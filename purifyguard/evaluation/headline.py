@@ -147,7 +147,7 @@ def headline(
     device = check_device(device)
     images, labels = select_examples(data, n, seed)
     images = check_examples(images, labels, None)
-    evaluation = _checked_evaluation(examples_from, model_name, images, labels)
+    evaluation = _checked_evaluation(examples_from, model_name, images, labels, data, seed)
     device = _distributed_state().device if device is None else device
     model.to(device).eval()
     bare = undefended if undefended is not None else _undefended_of(model)
@@ -160,9 +160,11 @@ def headline(
 
 
 def _checked_evaluation(examples_from: Any, model_name: Any, images: torch.Tensor,
-                        labels: torch.Tensor) -> dict[str, Any] | None:
+                        labels: torch.Tensor, data: Data, seed: int) -> dict[str, Any] | None:
     """examples_from and model_name checked (both or neither; an evaluation folder of these
-    images): {"folder", "model_name", "batch_size"}, or None without them."""
+    images, or of more images whose first ones these are: a row evaluated on fewer images,
+    evaluate_models' n_per_model): {"folder", "model_name", "batch_size"}, or None without
+    them."""
     if examples_from is None and model_name is None:
         return None
     if examples_from is None or model_name is None:
@@ -176,6 +178,11 @@ def _checked_evaluation(examples_from: Any, model_name: Any, images: torch.Tenso
                          f"got {str(folder)!r}")
     run = read_json(folder / RUN_FILE, "the evaluation settings file")
     mine = {"n": len(labels), "data_fingerprint": fingerprint(images, labels)}
+    if isinstance(run.get("n"), int) and run["n"] > len(labels):
+        theirs, their_labels = select_examples(data, run["n"], seed)
+        if torch.equal(theirs[:len(labels)], images) \
+                and torch.equal(their_labels[:len(labels)], labels):
+            mine = {"n": run["n"], "data_fingerprint": fingerprint(theirs, their_labels)}
     if {key: run.get(key) for key in mine} != mine:
         raise ValueError(f"examples_from {str(folder)!r} evaluated other images (n "
                          f"{run.get('n')}, data {run.get('data_fingerprint')}) than this headline "

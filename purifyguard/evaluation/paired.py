@@ -172,18 +172,37 @@ def correct_table(output_dir: str | Path, model: str, attack: str) -> tuple[torc
 def compare_stored(
     output_dir: str | Path, first: str, second: str, attack: str, samples: int = 10_000,
     seed: int = 0, margin: float | None = None, second_dir: str | Path | None = None,
+    images: int | None = None,
 ) -> dict[str, Any]:
     """Paired comparison of two defences evaluated in one folder on the same images and attack:
     mean accuracy (paired bootstrap) and worst case (McNemar); with a margin (0.05: 5 points),
     also "margin_test", paired_margin_test() of the mean accuracy against it ("greater").
     second_dir: the second defence's folder, when two runs evaluated them apart; their run.json
-    must agree on the images (data fingerprint, n) and the seed, or a ValueError says which."""
+    must agree on the images (data fingerprint, n) and the seed, or a ValueError says which.
+    images: compare on the first `images` images only, for a defence evaluated on fewer images
+    than the other (evaluate_models' n_per_model); both must have all of them."""
     if second_dir is not None:
         _check_same_run(output_dir, second_dir)
-    result = _compare_tables(correct_table(output_dir, first, attack),
-                             correct_table(second_dir or output_dir, second, attack), samples,
-                             seed, f"{first!r} and {second!r} were", margin)
+    if images is not None and (isinstance(images, bool) or not isinstance(images, int)
+                               or images < 1):
+        raise ValueError(f"images must be a positive int or None, got {images!r}")
+    tables = [_first_images(correct_table(folder, model, attack), images, model)
+              for folder, model in ((output_dir, first), (second_dir or output_dir, second))]
+    result = _compare_tables(*tables, samples, seed, f"{first!r} and {second!r} were", margin)
     return {"first": first, "second": second, "attack": attack, **result}
+
+
+def _first_images(table: tuple[torch.Tensor, torch.Tensor], images: int | None,
+                  model: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (indices, table) of correct_table restricted to the images numbered below `images`."""
+    indices, correct = table
+    if images is None:
+        return table
+    kept = indices < images
+    if int(kept.sum()) < images:
+        raise ValueError(f"images={images}, but {model!r} has only {int(kept.sum())} of the "
+                         f"first {images} images stored")
+    return indices[kept], correct[:, kept]
 
 
 def _check_same_run(first_dir: str | Path, second_dir: str | Path) -> None:

@@ -67,14 +67,18 @@ def build_report(
     settings: dict[str, Any], records: dict[str, dict], models: dict[str, dict],
     specs: list[AttackSpec], sanity: dict[str, list[dict]] | None, *, num_processes: int,
     device: str, seconds: float, alignments: dict[tuple[str, str], dict] | None = None,
+    n_per_model: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Aggregate the finished batches into one record per model x attack; `alignments` holds
-    the measured EOT alignment of (model, attack) pairs (gradient_alignment.py)."""
+    the measured EOT alignment of (model, attack) pairs (gradient_alignment.py); n_per_model
+    the models evaluated on only the first k of the n images (each record's "n" says so)."""
     from purifyguard.version import __version__
 
-    n_batches = -(-settings["n"] // settings["batch_size"])
+    n_per_model = n_per_model or {}
     rows = []
     for model_name, description in models.items():
+        count = min(n_per_model.get(model_name, settings["n"]), settings["n"])
+        n_batches = -(-count // settings["batch_size"])
         version = description.get("version", "")
         clean = _batches(records, model_name, None, n_batches, version)
         labels = torch.tensor([y for r in clean for y in r["labels"]])
@@ -116,7 +120,7 @@ def build_report(
         "schema_version": SCHEMA_VERSION,
         "purifyguard_version": __version__,
         "settings": {**settings, "num_processes": num_processes, "device": device,
-                     "seconds": seconds},
+                     "seconds": seconds, **({"n_per_model": n_per_model} if n_per_model else {})},
         "models": models,
         "records": rows,
         "sanity": sanity,
