@@ -21,7 +21,9 @@ ours-NAME (the same purifier in front of it, no retraining), paired with each ot
 TRADES. --clean-n N measures the clean cost apart, on the first N test images (10,000: the
 whole test set), one purification per image: the standard classifier (and each unseen one)
 bare against purified, a paired bootstrap of the difference (benchmark.json "clean_cost",
-resumable in output-dir/clean-cost).
+resumable in output-dir/clean-cost). --clean-only measures that alone (no attack, no page): a
+part of a run split across processes, whose clean-cost folder the run with every defence resumes
+once it is copied into that run's output-dir.
 Attacks, L-inf eps 0.1: the primary with full gradients (--primary: PGD-EOT, or APGD-EOT with
 PGD-EOT at the same budget beside it), APGD-EOT with EM-weighted draws (DiffHammer) at the
 primary's budget, AutoAttack-rand and BPDA+EOT; each other attack is compared with the primary
@@ -173,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clean-n", type=non_negative_int, default=0,
                         help="also measure the clean cost (bare minus purified, one purification "
                         "per image) on the first N test images (default 0: not measured)")
+    parser.add_argument("--clean-only", action="store_true",
+                        help="measure only the clean cost of --clean-n (no attack, no "
+                        "benchmark.json, no page), into output-dir/clean-cost")
     parser.add_argument("--checkpointing", action="store_true",
                         help="purifiers recompute reverse steps in the backward: the same "
                         "gradients in a quarter of the memory, about 20%% slower")
@@ -483,6 +488,15 @@ def clean_cost(args: argparse.Namespace, defences: dict[str, torch.nn.Module],
     return result
 
 
+def measure_clean_cost_only(args: argparse.Namespace) -> None:
+    """--clean-only: the clean cost of --clean-n alone, stored in output-dir/clean-cost."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not clean_cost(args, build_defences(args), device):
+        raise SystemExit("--clean-only: nothing to measure (see above)")
+
+
 def test_images(args: argparse.Namespace, n: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n test images (default --n): bundled, or from --data-root."""
@@ -623,6 +637,12 @@ def main(argv: list[str] | None = None) -> None:
                 and args.plug_in_n % args.batch_size:
             parser.error(f"--plug-in-n {args.plug_in_n}: give a multiple of --batch-size "
                          f"({args.batch_size}), or at least --n ({args.n})")
+    if args.clean_only:
+        if args.from_json or not args.clean_n:
+            parser.error("--clean-only: give --clean-n N (the test images to measure the clean "
+                         "cost on), and no --from-json")
+        measure_clean_cost_only(args)
+        return
     fronts = None
     if args.fronts:  # checked before the run, attached after it
         try:

@@ -13,11 +13,12 @@
 # DOCS=<file> writes the page of `whole` elsewhere than docs/benchmarks.md.
 # BUDGET=<seconds> stops every part at that deadline (timeout; what they stored is kept), so a
 # session can leave itself time to commit: BUDGET=7200 for two hours.
-# PARALLEL=1 runs all seven parts at once (one process each), for a GPU machine with the cores.
-# Each part runs its defences' primary attack, sanity checks and headline. `whole` merges the
-# parts (purifyguard merge) into $STATE/fashion-mnist-whole and runs the full benchmark there
-# with every defence: it attacks nothing again, adds the clean cost on the 10,000 test images and
-# the fronts, and writes docs/benchmarks.md.
+# PARALLEL=1 runs all eight parts at once (one process each), for a GPU machine with the cores.
+# Each part runs its defences' primary attack, sanity checks and headline; the part clean-cost
+# measures the clean cost on the 10,000 test images alone (--clean-only, about 2 CPU-hours).
+# `whole` merges the parts (purifyguard merge) into $STATE/fashion-mnist-whole, copies in the
+# clean cost stored so far and runs the full benchmark there with every defence: it attacks
+# nothing again, finishes the clean cost, adds the fronts, and writes docs/benchmarks.md.
 # TINY=1 runs the same steps at a size a CPU finishes in minutes; its figures mean nothing.
 set -u
 : "${DATA:?set DATA to a Fashion-MNIST folder}"
@@ -25,18 +26,22 @@ STATE=${STATE:-benchmark-state}
 if [ -n "${TINY:-}" ]; then
     SIZE=(--n 4 --plug-in-n 2 --runs 2 --pgd-steps 1 --aa-steps 1 --eot 1 --batch-size 2
           --sanity-n 2)
-    FINAL=(--clean-n 8 --docs "$STATE/benchmarks.md")
+    CLEAN_N=8
+    FINAL=(--clean-n "$CLEAN_N" --docs "$STATE/benchmarks.md")
 else
     # the sanity checks on 16 images: on 32 they take over 2 CPU-hours for each purifier; the
     # plug-in rows (ours in front of the TRADES classifier and of the unseen classifiers, and
     # those alone) on the first 128 images, as issue 22 allows for the rows beyond the six
     SIZE=(--n 256 --plug-in-n 128 --runs 10 --pgd-steps 20 --aa-steps 10 --eot 8 --batch-size 32
           --sanity-n 16)
-    FINAL=(--clean-n 10000 --docs "${DOCS:-docs/benchmarks.md}")
+    CLEAN_N=10000
+    FINAL=(--clean-n "$CLEAN_N" --docs "${DOCS:-docs/benchmarks.md}")
 fi
 COMMON=(--data-root "$DATA" "${SIZE[@]}" --primary apgd-eot --attacks primary --seed 0
         --sanity --threads 1 --fronts benchmarks/results/fronts-fashion-mnist.json)
 UNSEEN_STATE=training-state
+UNSEEN=("mobilenetv3=$UNSEEN_STATE/unseen-mobilenetv3/final"
+        "vit=$UNSEEN_STATE/unseen-vit/final" "regnet=$UNSEEN_STATE/unseen-regnet/final")
 declare -A PARTS=(
     [ours]="--defences ours"
     [baselines]="--defences trades undefended diffpure"
@@ -45,9 +50,10 @@ declare -A PARTS=(
     [mobilenetv3]="--defences --unseen mobilenetv3=$UNSEEN_STATE/unseen-mobilenetv3/final"
     [vit]="--defences --unseen vit=$UNSEEN_STATE/unseen-vit/final"
     [regnet]="--defences --unseen regnet=$UNSEEN_STATE/unseen-regnet/final"
+    [clean-cost]="--defences undefended ours --unseen ${UNSEEN[*]} --clean-n $CLEAN_N --clean-only"
 )
 # ours' headline is the longest part left: vit moved to the second queue to even them out
-QUEUE_1=(ours ours-trades)
+QUEUE_1=(ours ours-trades clean-cost)
 QUEUE_2=(baselines gdmp mobilenetv3 regnet vit)
 
 DEADLINE=$(( $(date +%s) + ${BUDGET:-31536000} ))
@@ -75,16 +81,19 @@ mkdir -p "$STATE"
 if [ "${1:-parts}" = whole ]; then
     folders=()
     for part in "${!PARTS[@]}"; do
+        [ "$part" = clean-cost ] && continue  # no attack: its folder is copied in below
         [ -f "$STATE/fashion-mnist-$part/benchmark.json" ] \
             || { echo "part $part has not finished: run the parts first"; exit 1; }
         folders+=("$STATE/fashion-mnist-$part")
     done
     purifyguard merge "${folders[@]}" --into "$STATE/fashion-mnist-whole" || exit 1
+    if [ -d "$STATE/fashion-mnist-clean-cost/clean-cost" ]; then
+        cp -r "$STATE/fashion-mnist-clean-cost/clean-cost" "$STATE/fashion-mnist-whole/"
+    fi
     timeout $(( DEADLINE - $(date +%s) )) python benchmarks/fashion_mnist.py "${COMMON[@]}" \
         "${FINAL[@]}" \
         --defences ours undefended trades diffpure gdmp ours-trades-classifier \
-        --unseen "mobilenetv3=$UNSEEN_STATE/unseen-mobilenetv3/final" \
-        "vit=$UNSEEN_STATE/unseen-vit/final" "regnet=$UNSEEN_STATE/unseen-regnet/final" \
+        --unseen "${UNSEEN[@]}" \
         --output-dir "$STATE/fashion-mnist-whole" > "$STATE/fashion-mnist-whole.log" 2>&1
     stopped "whole (log: $STATE/fashion-mnist-whole.log)" $?
 elif [ -n "${PARALLEL:-}" ]; then

@@ -2,7 +2,8 @@
 of each evaluated attack and the headline's finished attacks (with the one under way and its
 batches); read from the stored files alone, so it runs beside the parts without loading a model.
 The plug-in rows (ours-trades-classifier, the unseen classifiers bare and ours-NAME) run on the
-first 128 of the 256 images (`--plug-in-n 128`): 4 of the 8 batches are all they need.
+first 128 of the 256 images (`--plug-in-n 128`): 4 of the 8 batches are all they need. The
+part clean-cost has no attack: its clean-cost folder's batches per model are listed apart.
 
     python scripts/benchmark_parts_status.py [STATE]     # default STATE: benchmark-state
 """
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("state", nargs="?", default="benchmark-state")
     args = parser.parse_args(argv)
     parts = sorted(Path(args.state).glob("fashion-mnist-*/run.json"))
-    if not parts:
+    clean_costs = sorted(Path(args.state).glob("fashion-mnist-*/clean-cost/run.json"))
+    if not parts and not clean_costs:
         raise SystemExit(f"no benchmark parts in {args.state}")
     for run_file in parts:
         folder = run_file.parent
@@ -71,6 +73,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  sanity {sanity.parent.name}: {sum(counts.values())} batches stored")
         for state in sorted(folder.glob(f"headline-*/{STATE_FILE}")):
             print(f"  {state.parent.name}: {headline_progress(state.parent)}")
+    for run_file in clean_costs:
+        settings = json.loads(run_file.read_text())
+        expected = -(-settings["n"] // settings["batch_size"])
+        print(f"{run_file.parents[1].name}: clean cost on {settings['n']} images")
+        for (model, _), count in sorted(stored_batches(run_file.parent).items()):
+            print(f"  {model}: {count}/{expected} batches")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
 # benchmark-state/; WORK is packed into OUT as five archives beside the logs (the device tool
 # brings back at most 8 files of 16 MiB, two folders down), every minute and at the end:
 # parts-1.tar.gz (ours, ours-trades), parts-2.tar.gz (baselines, gdmp), parts-3.tar.gz (the
-# unseen classifiers), whole.tar.gz (the merged run and its page, without the adversarial
+# unseen classifiers and the clean cost), whole.tar.gz (the merged run and its page, without the adversarial
 # examples it merged from the parts) and trades.tar.gz (the TRADES run). Unpack the parts into
 # benchmark-state/ (tar xzf OUT/parts-1.tar.gz -C benchmark-state) and the TRADES run into
 # training-state/ to go on here or on the CPU. Each step has a time budget in seconds
@@ -19,7 +19,7 @@
 # before spending device time; its figures mean nothing.
 #
 # 1. The re-published benchmark's rows (issues 22 and 23): scripts/benchmark_parts.sh with all
-#    seven parts at once (apgd-eot primary 20 x EOT 8, sanity checks, the headline; R = 10, the
+#    eight parts at once (apgd-eot primary 20 x EOT 8, sanity checks, the headline; R = 10, the
 #    first 256 test images), then, when all have finished, the whole run that writes the page.
 # 2. The TRADES front (issue 23 item 3): TRADES at beta 3, the bundled recipe otherwise (beta 1
 #    finished on the CPU: training-state/trades-beta1). It needs the training images in DATA.
@@ -42,7 +42,8 @@ pack() {  # pack: WORK's folders into OUT's archives, each through a temporary n
         case $name in
             parts-1) folders="fashion-mnist-ours fashion-mnist-ours-trades" ;;
             parts-2) folders="fashion-mnist-baselines fashion-mnist-gdmp" ;;
-            parts-3) folders="fashion-mnist-mobilenetv3 fashion-mnist-vit fashion-mnist-regnet" ;;
+            parts-3) folders="fashion-mnist-mobilenetv3 fashion-mnist-vit fashion-mnist-regnet
+                     fashion-mnist-clean-cost" ;;
             whole) folders="fashion-mnist-whole benchmarks.md" ;;
             trades) folders="trades-beta3" ;;
         esac

@@ -394,6 +394,29 @@ def test_unseen_classifiers_get_their_rows_pairs_and_clean_cost(tmp_path: Path) 
         benchmark_main(["--unseen", "ours=fashion-mnist-resnet18"])
 
 
+def test_clean_only_stores_the_clean_cost_that_the_whole_run_resumes(tmp_path: Path) -> None:
+    """--clean-only measures the clean cost alone (no benchmark.json, no page) into
+    output-dir/clean-cost; the run with every defence over that folder reads it, measuring
+    nothing again."""
+    output, docs = tmp_path / "run", tmp_path / "page.md"
+    common = ["--n", "2", "--batch-size", "2", "--runs", "2", "--defences", "undefended",
+              "--unseen", "robust=fashion-mnist-resnet18-trades", "--clean-n", "4",
+              "--output-dir", str(output), "--docs", str(docs), "--threads", "1"]
+    benchmark_main([*common, "--clean-only"])
+    assert not (output / "benchmark.json").exists() and not docs.exists()
+    stored = {path.name: path.read_bytes() for path in (output / "clean-cost").glob("batches-*")}
+    assert stored and b"robust-purified" in b"".join(stored.values())
+
+    benchmark_main([*common, "--pgd-steps", "1", "--eot", "1", "--attacks", "primary",
+                    "--primary", "apgd-eot", "--headline-attacks", "transfer:steps=1,eps=0.1"])
+    assert {path.name: path.read_bytes()
+            for path in (output / "clean-cost").glob("batches-*")} == stored
+    benchmark = json.loads((output / "benchmark.json").read_text())
+    assert benchmark["clean_cost"]["robust"]["n"] == 4
+    with pytest.raises(SystemExit):
+        benchmark_main(["--defences", "undefended", "--clean-only"])  # no --clean-n
+
+
 def test_plug_in_rows_run_on_fewer_images_and_pair_on_those(tmp_path: Path) -> None:
     """--plug-in-n k: ours in front of the TRADES classifier and the --unseen rows run on the
     first k images only; every pair with them (primary and headline) is on those k images,

@@ -37,3 +37,19 @@ def test_the_status_counts_stored_batches_and_finished_headline_attacks(tmp_path
     assert "fashion-mnist-ours (not finished; 3 batches an attack)" in printed
     assert "reads | pgd: 3/3 batches" in printed and "reads | clean: 3/3 batches" in printed
     assert "headline-reads: 1 attacks done (weak)" in printed
+
+
+def test_the_status_lists_the_clean_cost_part_per_model(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from unseen_classifiers import clean_pass
+
+    labels = torch.arange(40) % 10
+    images = ((labels.float() + 0.5) / 10).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()
+    folder = tmp_path / "fashion-mnist-clean-cost" / "clean-cost"
+    clean_pass({"standard-bare": ReadsTheLabel()}, images, labels, 0, 16, folder, "cpu")
+
+    main([str(tmp_path)])
+
+    printed = capsys.readouterr().out
+    assert "fashion-mnist-clean-cost: clean cost on 40 images" in printed
+    assert "  standard-bare: 3/3 batches" in printed

@@ -25,6 +25,8 @@ def test_the_device_session_packs_every_part_into_archives_two_folders_down(tmp_
     (work / "benchmarks.md").write_text("# page\n")
     (work / "benchmark.log").write_text("part ours: exit 0\n")
     (work / "trades-beta3" / "checkpoints").mkdir(parents=True)
+    (work / "fashion-mnist-clean-cost" / "clean-cost").mkdir(parents=True)
+    (work / "fashion-mnist-clean-cost" / "clean-cost" / "run.json").write_text("{}")
     env = {**os.environ, "TINY": "1", "WORK": str(work), "OUT": str(out), "DATA": str(tmp_path),
            "BUDGET_PARTS": "0", "BUDGET_WHOLE": "0", "BUDGET_TRADES": "0"}
 
@@ -39,6 +41,9 @@ def test_the_device_session_packs_every_part_into_archives_two_folders_down(tmp_
     assert "./fashion-mnist-ours/adversarial/ours--apgd-eot--batch0.safetensors" in names \
         or "fashion-mnist-ours/adversarial/ours--apgd-eot--batch0.safetensors" in names
     assert not any("baselines/" in name for name in names)
+    with tarfile.open(out / "parts-3.tar.gz") as archive:
+        names = archive.getnames()
+    assert any(name.endswith("fashion-mnist-clean-cost/clean-cost/run.json") for name in names)
     with tarfile.open(out / "whole.tar.gz") as archive:
         names = archive.getnames()
     assert any(name.endswith("fashion-mnist-whole/benchmark.json") for name in names)
