@@ -14,6 +14,8 @@
 # BUDGET=<seconds> stops every part at that deadline (timeout; what they stored is kept), so a
 # session can leave itself time to commit: BUDGET=7200 for two hours.
 # PARALLEL=1 runs all eight parts at once (one process each), for a GPU machine with the cores.
+# A part with a benchmark.json has finished and is skipped; REJUDGE=1 runs it again (it attacks
+# nothing again: it judges its stored state, and only the timings change).
 # Each part runs its defences' primary attack, sanity checks and headline; the part clean-cost
 # measures the clean cost on the 10,000 test images alone (--clean-only, about 2 CPU-hours).
 # `whole` merges the parts (purifyguard merge) into $STATE/fashion-mnist-whole, copies in the
@@ -61,6 +63,9 @@ DEADLINE=$(( $(date +%s) + ${BUDGET:-31536000} ))
 run_part() {  # run_part NAME: the benchmark with that part's defences, into its own folder
     local folder="$STATE/fashion-mnist-$1" left=$(( DEADLINE - $(date +%s) ))
     [ "$left" -gt 0 ] || { echo "part $1: not started (BUDGET spent)"; return; }
+    if [ -f "$folder/benchmark.json" ] && [ -z "${REJUDGE:-}" ]; then
+        echo "part $1: finished before (REJUDGE=1 judges it again)"; return
+    fi
     # shellcheck disable=SC2086  # the part's options split on purpose
     timeout "$left" python benchmarks/fashion_mnist.py "${COMMON[@]}" ${PARTS[$1]} \
         --output-dir "$folder" --docs "$STATE/fashion-mnist-$1.md" \
@@ -73,7 +78,7 @@ stopped() {  # stopped WHAT STATUS: say how WHAT ended
     else echo "$1: exit $2"; fi
 }
 
-run_queue() {  # each part in turn; a finished part only judges its stored state again
+run_queue() {  # each part in turn
     for part in "$@"; do run_part "$part"; done
 }
 
