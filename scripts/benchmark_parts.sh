@@ -62,10 +62,10 @@ DEADLINE=$(( $(date +%s) + ${BUDGET:-31536000} ))
 
 run_part() {  # run_part NAME: the benchmark with that part's defences, into its own folder
     local folder="$STATE/fashion-mnist-$1" left=$(( DEADLINE - $(date +%s) ))
-    [ "$left" -gt 0 ] || { echo "part $1: not started (BUDGET spent)"; return; }
     if [ -f "$folder/benchmark.json" ] && [ -z "${REJUDGE:-}" ]; then
         echo "part $1: finished before (REJUDGE=1 judges it again)"; return
     fi
+    [ "$left" -gt 0 ] || { echo "part $1: not started (BUDGET spent)"; return; }
     # shellcheck disable=SC2086  # the part's options split on purpose
     timeout "$left" python benchmarks/fashion_mnist.py "${COMMON[@]}" ${PARTS[$1]} \
         --output-dir "$folder" --docs "$STATE/fashion-mnist-$1.md" \
