@@ -59,7 +59,9 @@ HEADLINE_RULE = (
     "selection never used; an image is robust in a run when its clean image and its chosen "
     "example are both classified right. {threat}, n = {n}. Robust accuracy is the mean over the "
     "R runs [95% Wilson interval]; \"worst of R\" counts an image only if it is robust in every "
-    "run; \"within N\" counts it if it is robust in at least one of N submissions (verdict.py). "
+    "run; \"within N\" counts it only if it is robust in all of N submissions (an attacker who "
+    "may resubmit it N times wins if one is fooled; purifyguard.evaluation.verdict estimates it "
+    "without bias from the R runs). "
     "No choice among these attacks can lower it, so it is an upper bound on robustness that "
     "leads this page; the per-attack tables below are single attacks."
 )
