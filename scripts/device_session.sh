@@ -80,7 +80,8 @@ done
 if [ "$BUDGET_PARTS" -gt 0 ]; then
     PARALLEL=1 BUDGET=$BUDGET_PARTS STATE=$WORK bash scripts/benchmark_parts.sh \
         > "$WORK/benchmark.log" 2>&1
-    echo "benchmark parts: $(grep -cE ': exit 0|finished before' "$WORK/benchmark.log") of 8 finished"
+    finished=$(grep -cE ': exit 0|finished before' "$WORK/benchmark.log")
+    echo "benchmark parts: $finished of 8 finished"
     python scripts/benchmark_parts_status.py "$WORK" > "$WORK/parts-status.txt" 2>&1
 fi
 if [ "$BUDGET_WHOLE" -gt 0 ]; then
