@@ -280,6 +280,38 @@ def test_resume_carries_on_an_interrupted_attack_where_it_stopped(planted, tmp_p
     assert resumed["per_attack"][1]["attacked"] == whole["per_attack"][1]["attacked"]
 
 
+class CountingMarked(Marked):
+    """Marked that counts the images it classifies (a verdict judged again would add some)."""
+
+    def __init__(self) -> None:
+        super().__init__(noise=1.0)
+        self.images = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += len(x)
+        return super().forward(x)
+
+
+def test_a_finished_headline_run_again_reuses_its_verdict_unless_it_changed(planted, tmp_path):
+    model = CountingMarked()
+    first = run_headline(model, [A, B], output_dir=tmp_path)
+    model.images = 0
+    again = run_headline(model, [A, B], output_dir=tmp_path)
+    assert model.images == 0 and again == first  # nothing purified, the stored verdict back
+    more_runs = run_headline(model, [A, B], output_dir=tmp_path, runs=6, selection_runs=4)
+    assert model.images == 2 * N * 6 and more_runs["runs"] == 6  # judged on 6 runs
+    stored = json.loads((tmp_path / "headline.json").read_text())
+    stored["per_image"]["selection_correct_runs"][0] += 1  # not the verdict of this state
+    (tmp_path / "headline.json").write_text(json.dumps(stored))
+    model.images = 0
+    judged = run_headline(model, [A, B], output_dir=tmp_path, runs=6, selection_runs=4)
+    assert model.images == 2 * N * 6 and judged["per_image"] == more_runs["per_image"]
+    model.images = 0
+    run_headline(model, [A, B], output_dir=tmp_path, runs=6, selection_runs=4,
+                 resume=False)  # starts over: attacked and judged again
+    assert model.images > 2 * N * 6
+
+
 def test_resume_refuses_a_store_of_other_settings(planted, tmp_path):
     seen, _ = planted
     run_headline(Marked(), [A, B], output_dir=tmp_path)

@@ -63,8 +63,9 @@ def test_parts_merged_are_read_as_one_run_that_attacks_nothing_again(tmp_path):
     whole = tmp_path / "whole"
     assert sorted(path.name for path in whole.glob("batches-*.jsonl")) == [
         "batches-part-a-0.jsonl", "batches-part-b-0.jsonl"]
-    assert (whole / "headline-first" / "headline-state.safetensors").read_bytes() == (
-        tmp_path / "part-a" / "headline-first" / "headline-state.safetensors").read_bytes()
+    for stored in ("headline-state.safetensors", "headline.json"):  # the verdict is reused
+        assert (whole / "headline-first" / stored).read_bytes() == (
+            tmp_path / "part-a" / "headline-first" / stored).read_bytes()
     assert not (whole / "report.json").exists()  # the rerun writes it
     alignment = json.loads((whole / "eot-alignment.json").read_text())
     assert len(alignment) == 2 and result["files"] >= 4

@@ -104,7 +104,9 @@ def headline(
         their seeds are never used by the final verdict.
     output_dir: where the state (headline-state.safetensors: the chosen examples and their
         counts, stored after every batch), headline.json and headline.md go; with resume a
-        rerun skips finished attacks and batches. resume=False starts over.
+        rerun skips finished attacks and batches, and a headline that had finished returns
+        its stored verdict (when it judged this state on these runs) without judging again.
+        resume=False starts over.
     undefended: the bare classifier for transfer attacks (taken from a PurifiedModel if None).
     examples_from, model_name: an evaluate / evaluate_models output folder of the same images
         (the same n and data) and the model's name there: an attack that evaluation ran with the
@@ -228,6 +230,7 @@ def _headline(model: nn.Module, attackers: list[nn.Module], specs: list[AttackSp
         state = _clean_state(model, images, labels, settings, batch_size, selection_runs,
                              seed, device)
         _save_state(output_dir, state)
+    finished_before = len(state["done"]) == len(specs) and state["current"] is None
     for index, (spec, attacker) in enumerate(zip(specs, attackers)):
         if index < len(state["done"]):
             logger.info("headline: %s finished before, skipped", spec.label)
@@ -236,6 +239,12 @@ def _headline(model: nn.Module, attackers: list[nn.Module], specs: list[AttackSp
         _run_attack(model, attacker, spec, index, state, images, labels, batch_size=batch_size,
                     selection_runs=selection_runs, seed=seed, output_dir=output_dir,
                     progress=progress, device=device, stored=stored)
+    if resume and finished_before:
+        judged = _stored_verdict(output_dir, specs, state, images, labels, runs=runs,
+                                 batch_size=batch_size)
+        if judged is not None:
+            logger.info("headline: every attack and the verdict finished before, reused")
+            return judged
     result = _verdict(model, specs, state, images, labels, batch_size=batch_size, runs=runs,
                       seed=seed, device=device)
     result["seconds"] = time.perf_counter() - started
@@ -385,6 +394,40 @@ def _verdict(model, specs, state, images, labels, *, batch_size, runs, seed, dev
         "model_version": state["settings"]["model_version"],
         "data_fingerprint": state["settings"]["data_fingerprint"],
     }
+
+
+def _stored_verdict(output_dir: Path | None, specs: list[AttackSpec], state: dict[str, Any],
+                    images: torch.Tensor, labels: torch.Tensor, *, runs: int,
+                    batch_size: int) -> dict[str, Any] | None:
+    """The stored headline.json when it judged this very state (the same settings, attacks,
+    runs, and per image the same chosen attack, selection count and perturbation sizes), so a
+    finished headline run again is not judged again; None otherwise. The verdict's seeds are
+    derived from these settings, so judging again would give the same figures."""
+    if output_dir is None or not (output_dir / RESULT_FILE).is_file():
+        return None
+    stored = read_json(output_dir / RESULT_FILE, "the stored headline")
+    names = [spec.label for spec in specs]
+    sizes = perturbation_norm(images, state["best"], specs[0].norm)
+    expected = {
+        "n": len(labels), "runs": runs, "batch_size": batch_size,
+        "seed": state["settings"]["seed"],
+        "selection_runs": state["settings"]["selection_runs"],
+        "attacks": [spec.to_dict() for spec in specs],
+        "model_version": state["settings"]["model_version"],
+        "data_fingerprint": state["settings"]["data_fingerprint"],
+    }
+    if json.loads(json.dumps({key: stored.get(key) for key in expected})) \
+            != json.loads(json.dumps(expected)):
+        return None
+    per_image = stored.get("per_image") or {}
+    chosen = [CLEAN if s < 0 else names[s] for s in state["source"].tolist()]
+    perturbation = stored.get("perturbation") or {}
+    if (per_image.get("attack") != chosen
+            or per_image.get("selection_correct_runs") != state["best_correct"].tolist()
+            or perturbation.get("max") != float(sizes.max())
+            or perturbation.get("mean") != float(sizes.mean())):
+        return None
+    return stored
 
 
 def _summary(correct: torch.Tensor) -> dict[str, Any]:

@@ -3,7 +3,8 @@ processes or machines (one defence each, say) and then read as a single run.
 
 An output folder holds, besides what is recomputed from it, what took the time: the finished
 batches (batches-*.jsonl, read from every file of that name), the per-defence headline state
-(headline-<name>/), the EOT alignment measured per attacked model (eot-alignment.json), the
+(headline-<name>/: the chosen examples and their verdict, which a rerun reuses rather than
+judge again), the EOT alignment measured per attacked model (eot-alignment.json), the
 first batch's adversarial images and any other stored state. merge_outputs copies all of it
 into one folder, so that rerunning the evaluation there with every defence runs nothing that a
 source finished. Folders can only merge when their run.json (seed, n, batch size, runs, the
@@ -25,7 +26,7 @@ from purifyguard.evaluation.harness import LOCK_FILE, _folder_lock
 from purifyguard.evaluation.store import RUN_FILE
 from purifyguard.files import read_json, write_json
 
-REWRITTEN = ("report.json", "report.md", "benchmark.json", "headline.json", "headline.md",
+REWRITTEN = ("report.json", "report.md", "benchmark.json", "headline.md",
              LOCK_FILE)  # and every *.png
 
 
