@@ -194,6 +194,21 @@ def test_a_shattered_gradient_is_exact_locally_and_the_substitute_is_named():
     assert all(entry["relative_error"] < 1e-3 for entry in smooth["finite_differences"])
 
 
+@pytest.mark.parametrize("name", ["fashion-mnist-resnet18", "fashion-mnist-resnet18-trades"])
+def test_a_plain_relu_classifier_is_fine_though_its_kinks_move_the_larger_steps(name):
+    """The bundled ResNets (real trained weights, real test images): at h = 0.01 every pixel
+    moves and crosses ReLU kinks, so the finite differences differ from those at 1e-4 by up to
+    a third, but their magnitudes hold and autograd is right: not a shattered gradient (on
+    these images the former threshold 0.25 called both shattered)."""
+    from purifyguard.presets import bundled_classifier, bundled_test_images
+
+    x = bundled_test_images()[0][:16]
+    for part in (x[:8], x[8:]):
+        check = gradient_check(bundled_classifier(name), part)
+        assert check["values"]["kind"] == "fine", check["message"]
+        assert 0.1 < check["values"]["finite_difference_spread"] < 0.5
+
+
 def test_the_record_keeps_its_shape_and_adds_the_finite_differences():
     check = gradient_check(tiny_classifier(), images(3), directions=2)
     assert set(check) == {"check", "passed", "message", "values"}
@@ -212,7 +227,7 @@ def test_an_honest_purifier_passes(honest):
     assert check["passed"], check["message"]
     assert check["values"]["cosine"] > 0.99 and check["values"]["deterministic"]
     assert check["values"]["kind"] == "fine"
-    assert check["values"]["finite_difference_spread"] < 0.1  # threshold 0.25
+    assert check["values"]["finite_difference_spread"] < 0.1  # threshold 0.5
     assert next(honest.parameters()).dtype == torch.float32  # checked on a float64 copy
 
 

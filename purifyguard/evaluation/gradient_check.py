@@ -57,7 +57,10 @@ DIRECTIONS = 4
 JITTER = 0.01
 MIN_COSINE = 0.9  # autograd against the finite differences
 MAX_RELATIVE_ERROR = 0.35
-MAX_FD_SPREAD = 0.25  # finite differences at two h: |fd_1 - fd_2| / max(|fd_1|, |fd_2|)
+# finite differences at two h: |fd_1 - fd_2| / max(|fd_1|, |fd_2|). A plain ReLU classifier
+# crosses kinks at h = 0.01 and measures up to about 0.4 here (the bundled ResNets: 0.19-0.38)
+# with stable magnitudes; a shattered guidance step measures 1 and more, its signs flipping.
+MAX_FD_SPREAD = 0.5
 MIN_FD_COSINE = 0.9  # finite differences at two h: their cosine
 NEAR_ZERO_RATIO = 0.05  # autograd below this share of the finite differences counts as zero
 SMOOTH_SUBSTITUTE = "substitute=smooth"  # the apgd-eot / pgd option a shattered gradient wants
