@@ -369,10 +369,10 @@ def describe_defences(args: argparse.Namespace, defences: dict[str, torch.nn.Mod
     """What each defence of this run is, as the page says it."""
     sources = unseen_sources(args)
     descriptions = {}
-    for name in defences:
+    for name, model in defences.items():
         if name in sources:
             descriptions[name] = (f"a standard classifier the purifier never saw "
-                                  f"({unseen_architecture(defences[name])}), alone")
+                                  f"({unseen_architecture(model)}), alone")
         elif name.startswith("ours-") and name[len("ours-"):] in sources:
             descriptions[name] = f"ours in front of {name[len('ours-'):]}, no retraining"
         else:
