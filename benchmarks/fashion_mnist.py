@@ -68,6 +68,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -600,7 +601,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     # headline() runs in one process: under `accelerate launch` the main one computes it
     if not args.no_headline and PartialState().is_main_process:
         sys.path.insert(0, str(Path(__file__).parent))
-        from benchmark_page import headline_comparisons
+        from benchmark_page import headline_against_attack, headline_comparisons
 
         benchmark["headline"] = run_headlines(args, defences, images, labels, device,
                                               headline_specs(args), limits)
@@ -614,8 +615,27 @@ def run(args: argparse.Namespace, command: str) -> dict:
             benchmark["headline_paired"] += headline_comparisons(
                 {key: benchmark["headline"][key] for key in (first, second)
                  if key in benchmark["headline"]}, ours=first, fingerprints=fingerprints)
+        if args.output_dir:
+            benchmark["headline_against_primary"] = headline_against_attack(
+                benchmark["headline"], primary_tables(args.output_dir, benchmark["headline"],
+                                                      primary), primary)
         benchmark["wall_seconds"] = time.perf_counter() - started
     return benchmark
+
+
+def primary_tables(output_dir: str, names: Iterable[str], primary: str
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per defence, the primary attack's (image indices, runs x images) table of robust runs
+    from the stored batches (paired.correct_table); defences without it are left out."""
+    from purifyguard.evaluation.paired import correct_table
+
+    tables = {}
+    for name in names:
+        try:
+            tables[name] = correct_table(output_dir, name, primary)
+        except ValueError:  # the primary did not run on it
+            continue
+    return tables
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@
 # session can leave itself time to commit: BUDGET=7200 for two hours.
 # PARALLEL=1 runs all eight parts at once (one process each), for a GPU machine with the cores.
 # A part with a benchmark.json has finished and is skipped; REJUDGE=1 runs it again (it attacks
-# nothing again: it judges its stored state, and only the timings change).
+# nothing again and its headline returns its stored verdict: it rewrites its report).
 # Each part runs its defences' primary attack, sanity checks and headline; the part clean-cost
 # measures the clean cost on the 10,000 test images alone (--clean-only, about 2 CPU-hours).
 # `whole` merges the parts (purifyguard merge) into $STATE/fashion-mnist-whole, copies in the
@@ -63,7 +63,7 @@ DEADLINE=$(( $(date +%s) + ${BUDGET:-31536000} ))
 run_part() {  # run_part NAME: the benchmark with that part's defences, into its own folder
     local folder="$STATE/fashion-mnist-$1" left=$(( DEADLINE - $(date +%s) ))
     if [ -f "$folder/benchmark.json" ] && [ -z "${REJUDGE:-}" ]; then
-        echo "part $1: finished before (REJUDGE=1 judges it again)"; return
+        echo "part $1: finished before (REJUDGE=1 rewrites its report)"; return
     fi
     [ "$left" -gt 0 ] || { echo "part $1: not started (BUDGET spent)"; return; }
     # shellcheck disable=SC2086  # the part's options split on purpose

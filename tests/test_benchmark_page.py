@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from benchmark_page import benchmark_page, step_size_text
+from benchmark_page import benchmark_page, lead_tests, step_size_text
 from fashion_mnist import attack_specs, build_parser, headline_specs, needs_guidance
 from fashion_mnist import main as benchmark_main
 
@@ -113,6 +113,18 @@ def test_a_named_primary_attack_is_judged_and_paired_tests_are_shown() -> None:
             "[+2.0, +12.0] reaches below 5; worst case 11 / 3 images, McNemar p = 0.057)") in page
     assert ("paired against diffpure: mean p = 0.004 (bootstrap), worst case 11 / 3 images, "
             "McNemar p = 0.057; a lead of ours is significant in the mean only") in page
+
+
+def test_a_lead_of_the_second_defence_is_named_when_the_first_has_none() -> None:
+    item = {"first": "ours", "second": "trades",
+            "mean": {"difference": -0.066, "ci95": [-0.105, -0.028], "p_value": 0.0002,
+                     "samples": 10000},
+            "worst_case": {"only_first": 0, "only_second": 76, "p_value": 2.6e-23}}
+    assert lead_tests(item).endswith("a lead of trades over ours is significant in both tests")
+    item["worst_case"] = {"only_first": 5, "only_second": 4, "p_value": 1.0}
+    assert lead_tests(item).endswith("a lead of trades over ours is significant in the mean only")
+    item["mean"] = {"difference": -0.01, "ci95": [-0.04, 0.02], "p_value": 0.5, "samples": 10000}
+    assert lead_tests(item).endswith("a lead of ours is significant in neither test")
 
 
 def test_apgd_eot_states_its_first_step_on_randomised_models() -> None:
@@ -237,6 +249,35 @@ def test_the_headline_leads_the_results_with_its_paired_tests() -> None:
     assert "- Headline, paired against diffpure: mean p < 0.0001 (bootstrap)" in page
     assert "a lead of ours is significant in both tests" in page
     assert not P_EQUALS_ZERO.search(page), P_EQUALS_ZERO.search(page)
+
+
+def test_a_single_attack_below_the_headline_is_flagged_with_its_paired_test() -> None:
+    """The headline against the primary alone: ours' headline keeps 60 images in all 5 runs,
+    but the primary alone keeps only 40 of them (a winner's curse): flagged; diffpure's
+    primary keeps the same as its headline: not flagged."""
+    import torch
+    from benchmark_page import headline_against_attack
+
+    benchmark = with_headline()
+    indices = torch.arange(100)
+    ours = torch.zeros(5, 100, dtype=torch.bool)
+    ours[:, :40] = True
+    diffpure = torch.zeros(5, 100, dtype=torch.bool)
+    diffpure[:, :30] = True
+    tables = {"ours": (indices, ours), "diffpure": (indices.flip(0), diffpure.flip(1)),
+              "undefended": (indices[:50], ours[:, :50])}  # too few images: left out
+    checks = headline_against_attack(benchmark["headline"], tables, "apgd-eot")
+    by_name = {item["defence"]: item for item in checks}
+    assert set(by_name) == {"ours", "diffpure"}
+    assert abs(by_name["ours"]["mean"]["difference"] - 0.2) < 1e-9
+    assert by_name["ours"]["worst_case"]["only_first"] == 20
+    assert abs(by_name["diffpure"]["mean"]["difference"]) < 1e-9  # the flip is undone
+    benchmark["headline_against_primary"] = checks
+    page = benchmark_page(benchmark)
+    assert "| ours | 60.0 | 40.0 | +20.0 [" in page
+    assert "**For ours apgd-eot alone lies below the headline beyond the noise.**" in page
+    benchmark["headline_against_primary"] = [by_name["diffpure"]]
+    assert "No headline lies above apgd-eot alone beyond the noise." in benchmark_page(benchmark)
 
 
 def test_a_json_without_a_headline_renders_as_before() -> None:

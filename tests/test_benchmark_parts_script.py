@@ -24,7 +24,7 @@ def test_a_finished_part_is_skipped_and_rejudge_runs_it_again(tmp_path):
 
     lines = run_parts(tmp_path).splitlines()
 
-    assert "part gdmp: finished before (REJUDGE=1 judges it again)" in lines
+    assert "part gdmp: finished before (REJUDGE=1 rewrites its report)" in lines
     assert "part ours: not started (BUDGET spent)" in lines
     assert len(lines) == 8  # every part said how it ended
     rejudged = run_parts(tmp_path, REJUDGE="1").splitlines()
