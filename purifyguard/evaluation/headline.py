@@ -402,7 +402,8 @@ def _stored_verdict(output_dir: Path | None, specs: list[AttackSpec], state: dic
     """The stored headline.json when it judged this very state (the same settings, attacks,
     runs, and per image the same chosen attack, selection count and perturbation sizes), so a
     finished headline run again is not judged again; None otherwise. The verdict's seeds are
-    derived from these settings, so judging again would give the same figures."""
+    derived from these settings, so judging again on the same machine gives the same figures
+    (another machine draws other noise: an equally honest sample of the same verdict)."""
     if output_dir is None or not (output_dir / RESULT_FILE).is_file():
         return None
     stored = read_json(output_dir / RESULT_FILE, "the stored headline")
