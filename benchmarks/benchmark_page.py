@@ -68,6 +68,16 @@ HEADLINE_RULE = (
 )
 
 
+def paired_counts(first: Any, second: Any, runs: int, samples: int,
+                  seed: int) -> dict[str, Any]:
+    """Two defences' per-image correct-run counts (of `runs`) on the same images, paired:
+    the bootstrap of the per-image share and McNemar's exact test on "right in every run"."""
+    from purifyguard.evaluation.paired import mcnemar_exact, paired_bootstrap
+
+    return {"mean": paired_bootstrap(first / runs, second / runs, samples=samples, seed=seed),
+            "worst_case": mcnemar_exact(first == runs, second == runs)}
+
+
 def headline_comparisons(results: dict[str, dict[str, Any]], ours: str = "ours",
                          samples: int = 10_000, seed: int = 0,
                          fingerprints: dict[int, str] | None = None) -> list[dict[str, Any]]:
@@ -79,7 +89,7 @@ def headline_comparisons(results: dict[str, dict[str, Any]], ours: str = "ours",
     min(k, m). Pairs judged on other images or another R are left out."""
     import torch
 
-    from purifyguard.evaluation.paired import mcnemar_exact, paired_bootstrap, paired_margin_test
+    from purifyguard.evaluation.paired import paired_margin_test
 
     if ours not in results:
         return []
@@ -97,8 +107,7 @@ def headline_comparisons(results: dict[str, dict[str, Any]], ours: str = "ours",
         b = torch.tensor(second["per_image"]["correct_runs"][:count], dtype=torch.float64)
         comparisons.append({
             "first": ours, "second": other, "attack": "headline", "n": len(a),
-            "mean": paired_bootstrap(a / runs, b / runs, samples=samples, seed=seed),
-            "worst_case": mcnemar_exact(a == runs, b == runs),
+            **paired_counts(a, b, runs, samples, seed),
             "non_inferiority": paired_margin_test(a / runs, b / runs,
                                                   margin=-TARGET_NON_INFERIORITY / 100,
                                                   samples=samples, seed=seed),
@@ -116,8 +125,6 @@ def headline_against_attack(results: dict[str, dict[str, Any]],
     the noise. Defences without a table covering the headline's images on R runs are left out."""
     import torch
 
-    from purifyguard.evaluation.paired import mcnemar_exact, paired_bootstrap
-
     comparisons = []
     for name, result in results.items():
         if name not in tables:
@@ -132,8 +139,7 @@ def headline_against_attack(results: dict[str, dict[str, Any]],
         comparisons.append({
             "defence": name, "attack": attack, "n": count,
             "headline": float(worst.mean()) / runs, "single": float(single.mean()) / runs,
-            "mean": paired_bootstrap(worst / runs, single / runs, samples=samples, seed=seed),
-            "worst_case": mcnemar_exact(worst == runs, single == runs),
+            **paired_counts(worst, single, runs, samples, seed),
         })
     return comparisons
 
